@@ -1,0 +1,126 @@
+"""Parameter accounting: what each task stores, and its growth over the backbone.
+
+A task's growth counts what it stores beyond the frozen backbone: its dense scales r and s,
+the nonzero entries of its factors A and B, its own biases, and its own normalisation
+parameters and running statistics. Its classifier head is reported apart (`head_params`), as
+every method needs one per task. Growth = that count / the backbone's parameter count, where
+the backbone is every parameter of the model at `attach` time outside the classifier head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import TaskHead
+from .layers import HalrpLayer
+from .norms import TaskNorm
+
+
+@dataclass
+class TaskStats:
+    """Parameters one task stores, by kind, and its growth."""
+
+    name: str
+    ranks: dict[str, int] = field(default_factory=dict)
+    scale_params: int = 0
+    low_rank_params: int = 0
+    low_rank_dense: int = 0
+    bias_params: int = 0
+    norm_params: int = 0
+    head_params: int = 0
+    backbone_params: int = 1
+    finished: bool = False
+
+    @property
+    def stored_params(self) -> int:
+        return self.scale_params + self.low_rank_params + self.bias_params + self.norm_params
+
+    @property
+    def growth(self) -> float:
+        return self.stored_params / self.backbone_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stored_params": self.stored_params, "growth": self.growth}
+
+
+@dataclass
+class HalrpReport:
+    """Per-task parameter counts and per-layer ranks. `str()` gives a table."""
+
+    backbone_params: int
+    budget: float
+    tasks: dict[str, TaskStats]
+
+    @property
+    def total_growth(self) -> float:
+        return sum(t.growth for t in self.tasks.values())
+
+    def ranks(self) -> dict[str, dict[str, int]]:
+        """{layer: {task: rank}}."""
+        out: dict[str, dict[str, int]] = {}
+        for task in self.tasks.values():
+            for layer, rank in task.ranks.items():
+                out.setdefault(layer, {})[task.name] = rank
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone_params": self.backbone_params, "budget": self.budget,
+                "total_growth": self.total_growth,
+                "tasks": {n: t.to_dict() for n, t in self.tasks.items()}}
+
+    def __str__(self) -> str:
+        head = f"{'task':<16}{'growth':>9}{'stored':>11}{'low-rank':>10}{'scales':>9}" \
+               f"{'bias':>8}{'norms':>8}{'head':>8}  mean rank"
+        lines = [f"backbone: {self.backbone_params:,} parameters, budget {self.budget} per task",
+                 head]
+        for t in self.tasks.values():
+            ranks = [r for r in t.ranks.values()]
+            mean_rank = f"{sum(ranks) / len(ranks):.1f}" if ranks else "-"
+            lines.append(f"{t.name:<16}{t.growth:>9.4f}{t.stored_params:>11,}"
+                         f"{t.low_rank_params:>10,}{t.scale_params:>9,}{t.bias_params:>8,}"
+                         f"{t.norm_params:>8,}{t.head_params:>8,}  {mean_rank}")
+        lines.append(f"{'total':<16}{self.total_growth:>9.4f}")
+        return "\n".join(lines)
+
+
+def norm_state_size(module: nn.Module) -> int:
+    """Parameters plus floating-point buffers (running statistics) of a norm module."""
+    params = sum(p.numel() for p in module.parameters())
+    buffers = sum(b.numel() for b in module.buffers() if torch.is_floating_point(b))
+    return params + buffers
+
+
+def fixed_task_cost(layers: list[HalrpLayer], norms: list[TaskNorm], scales: bool = True) -> int:
+    """What every task stores before any factor: scales, biases and norms."""
+    cost = sum(norm_state_size(n.base_layer) for n in norms)
+    for layer in layers:
+        bias = getattr(layer.base_layer, "bias", None)
+        cost += bias.numel() if bias is not None else 0
+        cost += layer.out_features + layer.in_features if scales else 0
+    return cost
+
+
+def task_stats(task: str, layers: dict[str, HalrpLayer], norms: list[TaskNorm],
+               head: TaskHead | None, backbone_params: int, finished: bool) -> TaskStats:
+    stats = TaskStats(name=task, backbone_params=backbone_params, finished=finished)
+    for name, layer in layers.items():
+        if task in layer.halrp_r:
+            stats.scale_params += layer.halrp_r[task].numel() + layer.halrp_s[task].numel()
+        if task in layer.halrp_bias:
+            stats.bias_params += layer.halrp_bias[task].numel()
+        if task in layer.halrp_A:
+            A, B = layer.halrp_A[task], layer.halrp_B[task]
+            stats.low_rank_dense += A.numel() + B.numel()
+            stats.low_rank_params += int(torch.count_nonzero(A)) + int(torch.count_nonzero(B))
+        if layer.supports_low_rank:
+            stats.ranks[name] = layer.rank(task)
+    for norm in norms:
+        if task in norm.tasks:
+            stats.norm_params += norm_state_size(norm.tasks[task])
+    if head is not None and task in head.heads:
+        stats.head_params = sum(p.numel() for p in head.heads[task].parameters())
+    return stats

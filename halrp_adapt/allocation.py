@@ -1,0 +1,92 @@
+"""Global rank choice across layers (HALRP.md section 3, steps 5-6) and the up-front budget.
+
+Every singular value of every layer gets `score = kernel_area * sigma^2 * fisher(layer)`.
+Explained share (the paper): sort all scores descending and take the shortest prefix whose
+cumulative share of the total exceeds `explained`; a layer's rank is how many of its values are
+in that prefix, clamped to [1, upper_rank] (and to the matrix size).
+
+Budget (this project's addition; the reference bounds growth only by pruning after training):
+when the ranks above would cost more low-rank parameters than `budget_params`, values are taken
+greedily by score per parameter (score / (out + in), the cost of one more rank of that layer)
+while they fit, never beyond the explained-share rank of their layer. Within a layer the values
+are sorted, so each layer still gets a prefix. Every layer first keeps rank 1 if the budget has
+room for it, in order of its best score per parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerSpectrum:
+    """What the allocation needs of one layer."""
+
+    name: str
+    sigma: Tensor  # leading singular values, descending
+    energy: float  # ||D||_F^2: sum of all sigma^2, including any not computed
+    fisher: float
+    kernel_area: int
+    out_features: int
+    in_features: int
+
+    @property
+    def weight(self) -> float:
+        return self.kernel_area * self.fisher
+
+    @property
+    def rank_cost(self) -> int:
+        return self.out_features + self.in_features
+
+
+def explained_ranks(layers: list[LayerSpectrum], explained: float,
+                    upper_rank: int) -> dict[str, int]:
+    """Ranks from the global explained-share rule (the paper's), clamped to [1, upper_rank]."""
+    scores, owners = _scores(layers)
+    total = sum(layer.weight * layer.energy for layer in layers)
+    counts = {layer.name: 0 for layer in layers}
+    if scores.numel() and total > 0:
+        order = torch.argsort(scores, descending=True)
+        cumulative = torch.cumsum(scores[order].double(), 0) / total
+        past = torch.nonzero(cumulative > explained)
+        stop = int(past[0]) + 1 if past.numel() else scores.numel()
+        for owner in owners[order[:stop]].tolist():
+            counts[layers[owner].name] += 1
+    return {layer.name: max(1, min(counts[layer.name], upper_rank, layer.sigma.numel()))
+            for layer in layers}
+
+
+def budget_ranks(layers: list[LayerSpectrum], caps: dict[str, int],
+                 budget_params: float) -> dict[str, int]:
+    """Cut `caps` down to fit `budget_params` low-rank parameters, best score per parameter first."""
+    if sum(caps[l.name] * l.rank_cost for l in layers) <= budget_params:
+        return dict(caps)
+    ranks = {l.name: 0 for l in layers}
+    left = budget_params
+    by_first = sorted(layers, key=lambda l: -_density(l, 0))
+    for layer in by_first:  # rank 1 everywhere first, while it fits
+        if caps[layer.name] >= 1 and layer.rank_cost <= left:
+            ranks[layer.name] = 1
+            left -= layer.rank_cost
+    candidates = [(_density(l, i), l) for l in layers for i in range(1, caps[l.name])]
+    candidates.sort(key=lambda c: -c[0])
+    for _, layer in candidates:
+        if layer.rank_cost <= left:
+            ranks[layer.name] += 1
+            left -= layer.rank_cost
+    return ranks
+
+
+def _density(layer: LayerSpectrum, i: int) -> float:
+    return float(layer.weight * layer.sigma[i] ** 2) / layer.rank_cost
+
+
+def _scores(layers: list[LayerSpectrum]) -> tuple[Tensor, Tensor]:
+    parts = [layer.weight * layer.sigma.double() ** 2 for layer in layers]
+    owners = [torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(parts)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts), torch.cat(owners)

@@ -1,0 +1,146 @@
+"""`HalrpConfig`: every option of HALRP, with the reference code's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+SVD_METHODS = ("auto", "full", "randomized")
+
+
+@dataclass
+class HalrpConfig:
+    """Options of a HALRP attachment.
+
+    Defaults follow the reference code (lijiaqi/HALRP, ``scripts/*.sh``): explained share 0.9,
+    upper rank 100, L1 1e-6, weight decay 1e-4, prune floor 1e-5, one trial epoch.
+
+    Example:
+        >>> from halrp_adapt import HalrpConfig
+        >>> HalrpConfig(budget=0.02, upper_rank=32).explained
+        0.9
+    """
+
+    budget: float = field(
+        default=0.05,
+        metadata={"help": "Most parameters a task may add, as a share of the backbone's (0, 1]."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Layers to adapt: a list of names (exact or dotted suffix) or one regex "
+            "(full match). None adapts every supported layer except the classifier head."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Layers never to adapt, same forms as `target_modules`."},
+    )
+    head_module: Optional[str] = field(
+        default=None,
+        metadata={"help": "Name of the classifier head; detected for timm, transformers and "
+                  "plain models when None."},
+    )
+    task_heads: bool = field(
+        default=True,
+        metadata={"help": "Give each task its own classifier head. False keeps the head shared "
+                  "and frozen (e.g. a causal LM's tied `lm_head`)."},
+    )
+    explained: float = field(
+        default=0.9,
+        metadata={"help": "Share of the Fisher-weighted residual energy the ranks must explain "
+                  "(the reference's approxiRate), in (0, 1]."},
+    )
+    upper_rank: int = field(default=100, metadata={"help": "Largest rank of any layer (>= 1)."})
+    l1: float = field(default=1e-6, metadata={"help": "L1 weight on |A| + |B| (l1_hyp)."})
+    wd: float = field(
+        default=1e-4,
+        metadata={"help": "L2 weight on (r^2 + s^2 + A^2 + B^2) / 2 (wd_rate)."},
+    )
+    prune_floor: float = field(
+        default=1e-5,
+        metadata={"help": "Factor entries at or below this magnitude are pruned at end_task."},
+    )
+    trial_epochs: int = field(
+        default=1, metadata={"help": "Epochs of the trial fine-tune (estRank_epoch)."}
+    )
+    trial_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Stop the trial fine-tune after this many steps (overrides epochs)."},
+    )
+    trial_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the trial."})
+    svd: str = field(
+        default="auto",
+        metadata={"help": "SVD of the residuals: 'full' (torch.linalg.svd), 'randomized' "
+                  "(torch.svd_lowrank), or 'auto' (randomized from `randomized_min_dim`)."},
+    )
+    randomized_min_dim: int = field(
+        default=2048,
+        metadata={"help": "With svd='auto', layers whose smaller side is at least this use the "
+                  "randomized SVD."},
+    )
+    train_base: bool = field(
+        default=False,
+        metadata={"help": "The first task trains the backbone itself (the paper's from-scratch "
+                  "protocol); later tasks get adapters."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
+        _check_number("explained", self.explained, low=0.0, high=1.0, low_open=True)
+        for name in ("l1", "wd", "prune_floor", "trial_lr"):
+            _check_number(name, getattr(self, name), low=0.0, high=None)
+        if isinstance(self.trial_lr, (int, float)) and self.trial_lr == 0:
+            raise ValueError("`trial_lr` must be > 0, got 0.")
+        _check_int("upper_rank", self.upper_rank, minimum=1)
+        _check_int("trial_epochs", self.trial_epochs, minimum=0)
+        _check_int("randomized_min_dim", self.randomized_min_dim, minimum=1)
+        if self.trial_steps is not None:
+            _check_int("trial_steps", self.trial_steps, minimum=1)
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"`svd` must be one of {SVD_METHODS}, got {self.svd!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+                setattr(self, name, list(value))
+                continue
+            raise TypeError(
+                f"`{name}` must be None, a regex string or a list of module names, "
+                f"got {type(value).__name__}."
+            )
+        if self.head_module is not None and not isinstance(self.head_module, str):
+            raise TypeError(f"`head_module` must be a module name (str) or None, "
+                            f"got {type(self.head_module).__name__}.")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "HalrpConfig":
+        """Build a config from keyword options, naming any option that does not exist."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; allowed options: {sorted(allowed)}.")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_number(name: str, value: Any, low: float, high: Optional[float],
+                  low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high) or value != value:
+        left = "(" if low_open else "["
+        upper = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"`{name}` must be in {left}{low}, {upper}, got {value}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

@@ -1,0 +1,106 @@
+"""Rank estimation for one task, step by step as HALRP.md section 3 lays it out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+
+from .accounting import task_stats
+from .allocation import LayerSpectrum, budget_ranks, explained_ranks
+from .decompose import decompose, factors_from_svd, fit_scales, residual
+from .fisher import empirical_fisher
+from .losses import LossFn, default_loss
+from .trial import trial_finetune
+
+if TYPE_CHECKING:
+    from .model import HalrpModel
+
+
+@dataclass
+class EstimateResult:
+    """What rank estimation measured and chose, kept on the task for inspection."""
+
+    ranks: dict[str, int]
+    explained_ranks: dict[str, int]
+    fisher: dict[str, float]
+    singular_values: dict[str, torch.Tensor] = field(repr=False)
+    trial_steps: int = 0
+
+
+def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int) -> str:
+    if config_svd == "auto":
+        return "randomized" if smallest_side >= randomized_min_dim else "full"
+    return config_svd
+
+
+@torch.no_grad()
+def _adopt_trial_state(handle: "HalrpModel", task: str, trial_modules: dict[str, Any]) -> None:
+    """The trial's biases, norms and head become the task's own."""
+    for name, layer in handle.adapter_layers().items():
+        bias = getattr(trial_modules[name], "bias", None)
+        if bias is not None:
+            layer.set_bias(task, bias)
+    for name, norm in handle.task_norms().items():
+        norm.tasks[task].load_state_dict(trial_modules[name].state_dict())
+    head = handle.task_head()
+    if head is not None:
+        head.heads[task].load_state_dict(trial_modules[handle.head_name].state_dict())
+
+
+def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
+                  loss_fn: Optional[LossFn], fisher_data: Optional[Iterable[Any]],
+                  epochs: Optional[int], steps: Optional[int],
+                  lr: Optional[float]) -> EstimateResult:
+    cfg = handle.config
+    loss_fn = loss_fn or default_loss
+    layers = handle.adapter_layers()
+
+    # 1. Trial fine-tune of a plain copy of the task's model, every weight free.
+    trial = handle.merge(task)
+    taken = trial_finetune(trial, data, loss_fn,
+                           epochs=cfg.trial_epochs if epochs is None else epochs,
+                           steps=cfg.trial_steps if steps is None else steps,
+                           lr=cfg.trial_lr if lr is None else lr)
+    trial_modules = dict(trial.named_modules())
+
+    # 2. Empirical Fisher of each low-rank-capable layer, at the trial's weights.
+    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
+    fisher = empirical_fisher(trial, fisher_data if fisher_data is not None else data,
+                              {n: trial_modules[n].weight for n in low_rank}, loss_fn)
+
+    # 3-4. Scales by least squares, residual, SVD.
+    spectra, described = {}, []
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w_free = layer.canonical(trial_modules[name].weight.detach())
+            w_base = layer.canonical(layer.weight.detach())
+            r, s = fit_scales(w_free, w_base, layer.groups)
+            layer.set_scales(task, r, s)
+            if name not in low_rank:
+                continue
+            d = residual(w_free, w_base, r, s)
+            method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim)
+            spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank)
+            described.append(LayerSpectrum(name, spectra[name].S, spectra[name].energy,
+                                           fisher[name], layer.kernel_area,
+                                           layer.out_features, layer.in_features))
+        _adopt_trial_state(handle, task, trial_modules)
+    del trial, trial_modules
+
+    # 5-6. Global choice by explained share, then fitted to the budget up front.
+    caps = explained_ranks(described, cfg.explained, cfg.upper_rank)
+    stats = task_stats(task, layers, list(handle.task_norms().values()), None,
+                       handle.backbone_params, False)
+    room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
+    ranks = budget_ranks(described, caps, room)
+
+    # 7. Factors from the SVD.
+    for name, rank in ranks.items():
+        if rank > 0:
+            A, B = factors_from_svd(spectra[name], rank)
+            layers[name].set_low_rank(task, A, B)
+    return EstimateResult(ranks=ranks, explained_ranks=caps, fisher=fisher,
+                          singular_values={n: s.S for n, s in spectra.items()},
+                          trial_steps=taken)

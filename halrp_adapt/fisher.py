@@ -1,0 +1,38 @@
+"""Empirical Fisher per layer (HALRP.md section 3, step 2): the mean squared gradient."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .losses import LossFn, batch_size
+
+
+def empirical_fisher(model: nn.Module, data: Iterable[Any], weights: dict[str, torch.Tensor],
+                     loss_fn: LossFn) -> dict[str, float]:
+    """One scalar per weight: `sum_b mean(grad_W^2) * |b| / n_batches`, as the reference.
+
+    The model runs in eval mode and the loss uses the true labels. Only the weights' relative
+    sizes matter to the rank choice, so the reference's scaling is kept as is.
+    """
+    was_training = model.training
+    model.eval()
+    totals = {name: 0.0 for name in weights}
+    batches = 0
+    try:
+        for batch in data:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            size = batch_size(batch)
+            for name, w in weights.items():
+                if w.grad is not None:
+                    totals[name] += float(w.grad.float().pow(2).mean()) * size
+            batches += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("the Fisher data yielded no batch.")
+    return {name: total / batches for name, total in totals.items()}

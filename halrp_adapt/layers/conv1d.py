@@ -1,0 +1,35 @@
+"""HALRP adapter for transformers' `Conv1D` (GPT-2 style: weight stored in x out)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import HalrpLayer
+
+
+class HalrpConv1D(HalrpLayer):
+    """Like `HalrpLinear`, with the base weight transposed: `y = ((x * s) @ W0) * r + ...`."""
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    def canonical(self, weight: Tensor) -> Tensor:
+        return weight.t().unsqueeze(-1)
+
+    def from_canonical(self, weight: Tensor) -> Tensor:
+        return weight.squeeze(-1).t().contiguous()
+
+    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+        y = torch.matmul(x if s is None else x * s, self.weight)
+        return y if r is None else y * r
+
+    def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return torch.matmul(torch.matmul(x, A.t()), B.t())

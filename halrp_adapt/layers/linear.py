@@ -1,0 +1,43 @@
+"""HALRP adapter for `torch.nn.Linear` (and any layer computing `x @ W.T + b` with W out x in)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import HalrpLayer
+
+
+class HalrpLinear(HalrpLayer):
+    """`y = ((x * s) @ W0.T) * r + bias + (x @ A.T) @ B.T` for the active task.
+
+    Example:
+        >>> import torch
+        >>> layer = HalrpLinear(torch.nn.Linear(4, 3))
+        >>> layer.add_task("t0"); layer.set_active_task("t0")
+        >>> layer(torch.ones(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def canonical(self, weight: Tensor) -> Tensor:
+        return weight.unsqueeze(-1)
+
+    def from_canonical(self, weight: Tensor) -> Tensor:
+        return weight.squeeze(-1)
+
+    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+        y = F.linear(x if s is None else x * s, self.weight)
+        return y if r is None else y * r
+
+    def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        return F.linear(F.linear(x, A), B)

@@ -1,0 +1,360 @@
+"""`HalrpModel`: the handle `attach` returns. It owns the task life cycle.
+
+add_task -> estimate_ranks -> train (regularization_loss, trainable_parameters) -> end_task.
+
+The model is modified in place: target layers become `HalrpLayer`s, normalisation layers
+`TaskNorm`s and the classifier a `TaskHead`, all keyed by task name inside nn.ParameterDict /
+nn.ModuleDict, so `.to()`, `state_dict()`, DDP and FSDP see every task's tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
+from .config import HalrpConfig
+from .heads import TaskHead, find_head
+from .layers import HalrpLayer
+from .losses import LossFn
+from .norms import TaskNorm
+from .pruning import prune_, prune_threshold
+from .registry import adapter_class_for
+from .routing import TaskRouted, check_task_name
+from .targets import select_norms, select_targets
+
+
+@dataclass
+class TaskInfo:
+    """What the handle knows of a task beyond its tensors."""
+
+    name: str
+    num_classes: Optional[int]
+    trains_base: bool = False
+    finished: bool = False
+    estimate: Optional[Any] = field(default=None, repr=False)
+
+
+class HalrpModel(nn.Module):
+    """A backbone with HALRP task adapters. Build it with `halrp_adapt.attach`.
+
+    Example:
+        >>> import torch, halrp_adapt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(16, 4))
+        >>> cl = halrp_adapt.attach(net, budget=0.5)
+        >>> cl.add_task("first", num_classes=3)
+        >>> cl(torch.randn(2, 8)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, model: nn.Module, config: HalrpConfig) -> None:
+        super().__init__()
+        if any(isinstance(m, TaskRouted) for m in model.modules()):
+            raise ValueError("`model` already has HALRP adapters attached; attach once and use "
+                             "add_task for new tasks.")
+        self.model = model
+        self.config = config
+        self._tasks: dict[str, TaskInfo] = {}
+        head = find_head(model, config.head_module)
+        if head is not None and _is_tied(model, head):
+            head_is_shared = True  # e.g. a causal LM whose lm_head is the token embedding
+        else:
+            head_is_shared = not config.task_heads
+        self.head_name = head
+        targets = select_targets(model, head, config.target_modules, config.exclude_modules)
+        norms = select_norms(model, head, targets)
+        self.backbone_params = _count_outside(model, head)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in targets:
+            module = model.get_submodule(name)
+            _replace(model, name, adapter_class_for(module)(module))
+        for name in norms:
+            _replace(model, name, TaskNorm(model.get_submodule(name)))
+        if head is not None and not head_is_shared:
+            in_features = getattr(model, "num_features", None)
+            _replace(model, head, TaskHead(model.get_submodule(head), in_features))
+        self._check_budget_covers_fixed_cost()
+
+    # ---- inspection --------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order they were added."""
+        return list(self._tasks)
+
+    @property
+    def open_task(self) -> Optional[str]:
+        """The task being trained (added, not yet ended), if any."""
+        return next((n for n, t in self._tasks.items() if not t.finished), None)
+
+    @property
+    def active_task(self) -> Optional[str]:
+        """The task the next forward runs (None: the frozen backbone)."""
+        for module in self._routed():
+            return module.active_task
+        return None
+
+    def adapter_layers(self) -> dict[str, HalrpLayer]:
+        """{layer name: adapter layer}, named as the layers were in the original model."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, HalrpLayer)}
+
+    def task_norms(self) -> dict[str, TaskNorm]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, TaskNorm)}
+
+    def task_head(self) -> Optional[TaskHead]:
+        head = self.model.get_submodule(self.head_name) if self.head_name else None
+        return head if isinstance(head, TaskHead) else None
+
+    def _routed(self) -> Iterator[TaskRouted]:
+        return (m for m in self.model.modules() if isinstance(m, TaskRouted))
+
+    def _info(self, task: str) -> TaskInfo:
+        if task not in self._tasks:
+            raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}.")
+        return self._tasks[task]
+
+    def _require_open(self, action: str) -> TaskInfo:
+        task = self.open_task
+        if task is None:
+            raise RuntimeError(f"{action} needs a task in training: call add_task(name) first.")
+        return self._tasks[task]
+
+    # ---- the task life cycle -----------------------------------------------------------------
+    def add_task(self, name: str, num_classes: Optional[int] = None) -> None:
+        """Add task `name` with identity scales, the base biases and norms, and its own head.
+
+        `num_classes` sizes the task's head; None copies the backbone's head as it is.
+        The new task becomes active and is the only one with trainable parameters.
+        """
+        check_task_name(name)
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
+        if self.open_task is not None:
+            raise RuntimeError(f"task {self.open_task!r} is still in training: call end_task() "
+                               "before add_task().")
+        head = self.task_head()
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+                    or num_classes < 1:
+                raise ValueError(f"`num_classes` must be an int >= 1 or None, got "
+                                 f"{num_classes!r}.")
+            if head is None:
+                raise ValueError("`num_classes` was given but the model has no per-task head "
+                                 "(none found, or task_heads=False, or a head tied to the "
+                                 "embeddings); set `head_module` in attach or pass "
+                                 "num_classes=None.")
+        trains_base = self.config.train_base and not self._tasks
+        for layer in self.adapter_layers().values():
+            layer.add_task(name, scales=not trains_base)
+        for norm in self.task_norms().values():
+            norm.add_task(name)
+        if head is not None:
+            head.add_task(name, num_classes)
+        self._tasks[name] = TaskInfo(name, num_classes, trains_base=trains_base)
+        self._make_trainable(name)
+        self.set_task(name)
+
+    def estimate_ranks(self, data: Iterable[Any], *, loss_fn: Optional[LossFn] = None,
+                       fisher_data: Optional[Iterable[Any]] = None,
+                       epochs: Optional[int] = None, steps: Optional[int] = None,
+                       lr: Optional[float] = None) -> dict[str, int]:
+        """Choose the open task's ranks and initialise its scales and factors (the paper's way).
+
+        A copy of the model is fine-tuned freely on `data` (`epochs`/`steps`, default from the
+        config), the empirical Fisher of each layer is measured on `fisher_data` (default
+        `data`), scales are fitted by least squares, the residual is decomposed by SVD, and
+        ranks are chosen globally by Fisher-weighted energy within the budget. The trial's
+        biases, norms and head become the task's. Build the optimiser after this call.
+
+        `loss_fn(model, batch) -> loss` defaults to cross-entropy on `(x, y)` or dict batches.
+        Returns {layer name: rank}.
+        """
+        from .estimate import estimate_task
+
+        info = self._require_open("estimate_ranks()")
+        if info.trains_base:
+            raise RuntimeError(f"task {info.name!r} trains the backbone itself "
+                               "(train_base=True): there is nothing to estimate; train it, "
+                               "then end_task().")
+        result = estimate_task(self, info.name, data, loss_fn=loss_fn, fisher_data=fisher_data,
+                               epochs=epochs, steps=steps, lr=lr)
+        info.estimate = result
+        self._make_trainable(info.name)
+        return dict(result.ranks)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimiser: the open task's (and the backbone's when the
+        task trains it)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def regularization_loss(self) -> Tensor:
+        """`l1 * sum(|A| + |B|) + wd * sum(r^2 + s^2 + A^2 + B^2) / 2` for the open task.
+
+        A task that trains the backbone gets `wd * sum(W^2) / 2` over the adapted weights.
+        """
+        info = self._require_open("regularization_loss()")
+        task, cfg = info.name, self.config
+        l1 = wd = None
+        for layer in self.adapter_layers().values():
+            if info.trains_base:
+                wd = _add(wd, layer.weight.pow(2).sum())
+                continue
+            for d in (layer.halrp_r, layer.halrp_s, layer.halrp_A, layer.halrp_B):
+                if task in d:
+                    wd = _add(wd, d[task].pow(2).sum())
+            for d in (layer.halrp_A, layer.halrp_B):
+                if task in d:
+                    l1 = _add(l1, d[task].abs().sum())
+        zero = torch.zeros((), device=next(self.parameters()).device)
+        return cfg.l1 * (zero if l1 is None else l1) + cfg.wd * (zero if wd is None else wd) / 2
+
+    def end_task(self) -> TaskStats:
+        """Prune the open task's factors to the budget, freeze it, and return its stats."""
+        info = self._require_open("end_task()")
+        task = info.name
+        layers = self.adapter_layers()
+        if info.trains_base:
+            self._adopt_as_base(task)
+        else:
+            factors = [d[task] for layer in layers.values()
+                       for d in (layer.halrp_A, layer.halrp_B) if task in d]
+            stats = task_stats(task, layers, list(self.task_norms().values()), None,
+                               self.backbone_params, False)
+            fixed = stats.stored_params - stats.low_rank_params
+            keep = math.floor(self.config.budget * self.backbone_params) - fixed
+            prune_(factors, prune_threshold(factors, keep, self.config.prune_floor))
+        for module in self._routed():
+            if task in module.task_names():
+                module.freeze_task(task)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        info.finished = True
+        return self.report().tasks[task]
+
+    def set_task(self, name: Optional[str]) -> None:
+        """Route every forward through task `name` (None: the frozen backbone)."""
+        if name is not None:
+            self._info(name)
+        for module in self._routed():
+            module.set_active_task(name)
+
+    @contextlib.contextmanager
+    def task(self, name: Optional[str]) -> Iterator["HalrpModel"]:
+        """`with handle.task(name):` runs the block with `name` active, then restores."""
+        previous = self.active_task
+        self.set_task(name)
+        try:
+            yield self
+        finally:
+            self.set_task(previous)
+
+    def merge(self, name: str) -> nn.Module:
+        """A plain copy of the model for task `name`: merged weights, no HALRP modules.
+
+        Its outputs equal the adapted model's for that task (up to float rounding), with no
+        inference overhead.
+        """
+        self._info(name)
+        memo: dict[int, Any] = {}
+        for module in self._routed():
+            if isinstance(module, HalrpLayer):
+                memo[id(module)] = module.merged_layer(name)
+            elif isinstance(module, TaskNorm):
+                memo[id(module)] = copy.deepcopy(module.tasks[name])
+            elif isinstance(module, TaskHead):
+                memo[id(module)] = copy.deepcopy(module.heads[name])
+        plain = copy.deepcopy(self.model, memo)
+        for p in plain.parameters():
+            p.requires_grad_(True)
+        return plain.train(self.model.training)
+
+    def report(self) -> HalrpReport:
+        """Per-task ranks, parameter counts by kind, and growth over the backbone."""
+        layers, norms, head = self.adapter_layers(), list(self.task_norms().values()), \
+            self.task_head()
+        stats = {name: task_stats(name, layers, norms, head, self.backbone_params, info.finished)
+                 for name, info in self._tasks.items()}
+        return HalrpReport(self.backbone_params, self.config.budget, stats)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _make_trainable(self, task: str) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for module in self._routed():
+            for p in module.task_parameters(task):
+                p.requires_grad_(True)
+        if self._tasks[task].trains_base:
+            for p in self._backbone_parameters():
+                p.requires_grad_(True)
+
+    def _backbone_parameters(self) -> list[nn.Parameter]:
+        """The shared weights a base-training task trains: everything outside the per-task
+        containers, except the base copies of biases, norms and head that tasks replace."""
+        skip: set[int] = set()
+        keep: list[nn.Parameter] = []
+        for module in self._routed():
+            skip.update(id(p) for p in module.parameters())
+            if isinstance(module, HalrpLayer):
+                keep.append(module.weight)
+        return keep + [p for p in self.model.parameters() if id(p) not in skip]
+
+    def _adopt_as_base(self, task: str) -> None:
+        """After a base-training task, its biases and norms become the base that later tasks
+        start from (its own copies stay its own)."""
+        with torch.no_grad():
+            for layer in self.adapter_layers().values():
+                bias = getattr(layer.base_layer, "bias", None)
+                if bias is not None and task in layer.halrp_bias:
+                    bias.copy_(layer.halrp_bias[task])
+            for norm in self.task_norms().values():
+                norm.base_layer.load_state_dict(norm.tasks[task].state_dict())
+
+    def _check_budget_covers_fixed_cost(self) -> None:
+        fixed = fixed_task_cost(list(self.adapter_layers().values()),
+                                list(self.task_norms().values()))
+        allowed = self.config.budget * self.backbone_params
+        if fixed > allowed:
+            raise ValueError(
+                f"`budget`={self.config.budget} allows {allowed:,.0f} parameters per task, "
+                f"less than the {fixed:,} every task stores before any low-rank factor (scales, "
+                f"biases and norms of {len(self.adapter_layers())} layers); use budget >= "
+                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`).")
+
+
+def _add(total: Optional[Tensor], value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _inside(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(parent + ".")
+
+
+def _count_outside(model: nn.Module, head: Optional[str]) -> int:
+    """Unique parameters outside `head` (a head weight tied to an embedding still counts)."""
+    counted: dict[int, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if head is None or not _inside(name, head):
+            counted[id(p)] = p.numel()
+    return sum(counted.values())
+
+
+def _is_tied(model: nn.Module, head: str) -> bool:
+    head_ids = {id(p) for p in model.get_submodule(head).parameters()}
+    return any(id(p) in head_ids for n, p in model.named_parameters(remove_duplicate=False)
+               if not _inside(n, head))

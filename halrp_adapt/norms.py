@@ -1,0 +1,60 @@
+"""`TaskNorm`: a normalisation layer with one full copy per task.
+
+Each task gets a deep copy of the base norm module, so every subclass keeps its own forward
+(timm's `BatchNormAct2d` with its activation, `LayerNorm2d`'s permutes, RMSNorm variants).
+The copy carries the affine parameters and the running statistics. The base copy and the copies
+of finished tasks always run in eval mode: their statistics never move again.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from .routing import TaskRouted
+
+
+class TaskNorm(TaskRouted):
+    """Routes a normalisation layer's forward to the active task's own copy."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tasks = nn.ModuleDict()
+        self.base_layer.eval()
+
+    def task_names(self) -> list[str]:
+        return list(self.tasks.keys())
+
+    def add_task(self, task: str) -> None:
+        self.tasks[task] = copy.deepcopy(self.base_layer)
+        self.tasks[task].train(self.training)
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return list(self.tasks[task].parameters()) if task in self.tasks else []
+
+    def freeze_task(self, task: str) -> None:
+        super().freeze_task(task)
+        self.tasks[task].eval()
+
+    def remove_task(self, task: str) -> None:
+        if task in self.tasks:
+            del self.tasks[task]
+        self.frozen_tasks.discard(task)
+        if self.active_task == task:
+            self.active_task = None
+
+    def train(self, mode: bool = True) -> "TaskNorm":
+        super().train(mode)
+        self.base_layer.train(False)
+        for task in self.frozen_tasks:
+            if task in self.tasks:
+                self.tasks[task].train(False)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        task = self.active_task
+        norm = self.base_layer if task is None else self.tasks[task]
+        return norm(*args, **kwargs)
