@@ -41,25 +41,18 @@ def select_targets(model: nn.Module, head: Optional[str], target_modules: Patter
     """
     _check_patterns_match(model, "target_modules", target_modules)
     _check_patterns_match(model, "exclude_modules", exclude_modules)
-    chosen, unsupported = [], []
+    chosen = []
     for name, module in model.named_modules():
         if not name or _inside(name, head):
             continue
         if exclude_modules is not None and name_matches(name, exclude_modules):
             continue
-        supported = adapter_class_for(module) is not None
-        if target_modules is None:
-            if supported:
-                chosen.append(name)
+        if target_modules is not None and not name_matches(name, target_modules):
             continue
-        if name_matches(name, target_modules):
-            (chosen if supported else unsupported).append(name)
-    if unsupported:
-        raise ValueError(
-            f"`target_modules` matches modules of types no adapter is registered for: "
-            f"{_describe(model, unsupported)}; supported types: {supported_layer_types()} "
-            "(add one with halrp_adapt.register_layer_type)."
-        )
+        if adapter_class_for(module) is not None:
+            chosen.append(name)
+    if target_modules is not None:
+        _check_entries_select(model, target_modules, chosen)
     # A selected module inside another selected module (e.g. a custom Linear subclass holding a
     # Linear) would be wrapped twice: keep the outermost.
     outer = [n for n in chosen if not any(_inside(n, o) and n != o for o in chosen)]
@@ -83,6 +76,22 @@ def select_norms(model: nn.Module, head: Optional[str], targets: list[str]) -> l
         if is_norm(module):
             names.append(name)
     return names
+
+
+def _check_entries_select(model: nn.Module, patterns: Union[list[str], str],
+                          chosen: list[str]) -> None:
+    """Each `target_modules` entry must select at least one module of a supported type."""
+    entries = [patterns] if isinstance(patterns, str) else patterns
+    for entry in entries:
+        form = entry if isinstance(patterns, str) else [entry]
+        if any(name_matches(n, form) for n in chosen):
+            continue
+        matched = [n for n, _ in model.named_modules() if n and name_matches(n, form)]
+        raise ValueError(
+            f"`target_modules` entry {entry!r} matches only modules of types no adapter is "
+            f"registered for: {_describe(model, matched)}; supported types: "
+            f"{supported_layer_types()} (add one with halrp_adapt.register_layer_type)."
+        )
 
 
 def _check_patterns_match(model: nn.Module, option: str, patterns: Patterns) -> None:

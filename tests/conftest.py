@@ -1,0 +1,55 @@
+"""Shared fixtures: seeded RNG, small models and data made here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_cnn(num_classes: int = 5) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(),
+        nn.Linear(32, num_classes))
+
+
+def batches(n: int = 4, size: int = 8, shape=(3, 8, 8), classes: int = 3,
+            seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *shape, generator=g), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]
+
+
+def train_steps(cl, data, steps: int = 2, lr: float = 1e-2, loss_fn=None) -> None:
+    """A few optimiser steps of the open task, regularised, as a user would write them."""
+    from halrp_adapt import default_loss
+
+    loss_fn = loss_fn or default_loss
+    optimizer = torch.optim.Adam(cl.trainable_parameters(), lr=lr)
+    cl.train()
+    for _, batch in zip(range(steps), data):
+        loss = loss_fn(cl, batch) + cl.regularization_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def learn_task(cl, name: str, data, num_classes=None, loss_fn=None, steps: int = 2) -> None:
+    cl.add_task(name, num_classes=num_classes)
+    if not cl._tasks[name].trains_base:
+        cl.estimate_ranks(data, steps=steps, loss_fn=loss_fn)
+    train_steps(cl, data, steps=steps, loss_fn=loss_fn)
+    cl.end_task()
