@@ -35,7 +35,7 @@ def load_fashion_mnist(source: str = "auto") -> dict[str, Split]:
 
     Example:
         >>> data = load_fashion_mnist("embedded")
-        >>> data["train"].images.shape, data["test"].labels.max()
+        >>> data["train"].images.shape, int(data["test"].labels.max())
         ((3000, 28, 28), 9)
     """
     if source not in SOURCES:

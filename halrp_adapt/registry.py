@@ -82,7 +82,11 @@ def adapter_class_for(module: nn.Module) -> Optional[type[HalrpLayer]]:
             return cls
     for layer_type, cls in resolved:
         if layer_type is not None and isinstance(module, layer_type):
-            return cls
+            # A subclass with its own forward (weight standardisation, dynamic padding...)
+            # computes something else than the adapter would: only wrap it if the adapter
+            # says it reproduces that forward.
+            same_forward = type(module).forward is layer_type.forward
+            return cls if same_forward or cls.handles_forward_of(module) else None
     return None
 
 

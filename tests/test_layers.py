@@ -92,3 +92,21 @@ def test_conv1d_canonical_is_out_by_in():
     assert (layer.out_features, layer.in_features) == (7, 12)
     assert layer.canonical(layer.weight).shape == (7, 12, 1)
     assert torch.equal(layer.from_canonical(layer.canonical(layer.weight)), layer.weight)
+
+
+def test_timm_same_padding_conv_merges_exactly():
+    from timm.layers.conv2d_same import Conv2dSame
+
+    layer = HalrpConv2d(Conv2dSame(4, 6, 3, stride=2))
+    _randomise(layer, "t", rank=2)
+    x = torch.randn(2, 4, 9, 8)
+    torch.testing.assert_close(layer.merged_layer("t")(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_subclass_with_its_own_forward_is_not_wrapped():
+    from timm.layers import StdConv2d
+
+    from halrp_adapt.registry import adapter_class_for
+
+    assert adapter_class_for(StdConv2d(3, 4, 3)) is None  # weight standardisation in forward
+    assert adapter_class_for(nn.Conv2d(3, 4, 3)) is HalrpConv2d

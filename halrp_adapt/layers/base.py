@@ -31,6 +31,12 @@ class HalrpLayer(TaskRouted):
         self.halrp_B = nn.ParameterDict()
         self.halrp_bias = nn.ParameterDict()
 
+    @classmethod
+    def handles_forward_of(cls, module: nn.Module) -> bool:
+        """Whether this adapter reproduces `module`'s forward although its class overrides the
+        registered type's (e.g. a conv that pads its input itself)."""
+        return False
+
     # ---- geometry: subclasses override -------------------------------------------------------
     @property
     def weight(self) -> Tensor:

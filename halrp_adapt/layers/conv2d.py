@@ -9,16 +9,39 @@ would mix channels the base kernel never connects.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import HalrpLayer
 
 
+def _timm_pad_same(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    from timm.layers.padding import pad_same
+
+    return pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
+
+
+# Conv2d subclasses that pad their input in forward (TensorFlow-style "SAME"): how to pad.
+# Zero padding commutes with both paths, so padding first and convolving with padding 0 is exact.
+DYNAMIC_PADDING: dict[str, Callable[[nn.Conv2d, Tensor], Tensor]] = {
+    "timm.layers.conv2d_same.Conv2dSame": _timm_pad_same,
+    "timm.layers.conv2d_same.Conv2dSameExport": _timm_pad_same,
+}
+
+
+def _padder(conv: nn.Module) -> Optional[Callable[[nn.Conv2d, Tensor], Tensor]]:
+    cls = type(conv)
+    return DYNAMIC_PADDING.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
 class HalrpConv2d(HalrpLayer):
     """`y = conv(x * s, W0) * r + bias + window_sum(x A^T) B^T` for the active task."""
+
+    @classmethod
+    def handles_forward_of(cls, module: nn.Module) -> bool:
+        return _padder(module) is not None
 
     @property
     def out_features(self) -> int:
@@ -45,10 +68,18 @@ class HalrpConv2d(HalrpLayer):
     def channel_view(self, v: Tensor) -> Tensor:
         return v.view(-1, 1, 1)
 
+    def task_forward(self, x: Tensor, task: str) -> Tensor:
+        pad = _padder(self.base_layer)
+        return super().task_forward(x if pad is None else pad(self.base_layer, x), task)
+
     def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
         # Scaling input channels commutes with zero, reflect, replicate and circular padding.
+        conv = self.base_layer
         h = x if s is None else x * s.view(-1, 1, 1)
-        y = self.base_layer._conv_forward(h, self.weight, None)
+        if _padder(conv) is not None:  # x is already padded
+            y = F.conv2d(h, self.weight, None, conv.stride, 0, conv.dilation, conv.groups)
+        else:
+            y = conv._conv_forward(h, self.weight, None)
         return y if r is None else y * r.view(-1, 1, 1)
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -56,7 +87,9 @@ class HalrpConv2d(HalrpLayer):
         k = A.shape[0]
         z = F.conv2d(x, A[:, :, None, None])
         ones = z.new_ones(k, 1, *conv.kernel_size)
-        if conv.padding_mode != "zeros":
+        if _padder(conv) is not None:  # x is already padded
+            z = F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
+        elif conv.padding_mode != "zeros":
             z = F.pad(z, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             z = F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
         else:
