@@ -112,15 +112,18 @@ def task_stats(task: str, layers: dict[str, HalrpLayer], norms: list[TaskNorm],
             stats.scale_params += layer.halrp_r[task].numel() + layer.halrp_s[task].numel()
         if task in layer.halrp_bias:
             stats.bias_params += layer.halrp_bias[task].numel()
-        if task in layer.halrp_A:
-            A, B = layer.halrp_A[task], layer.halrp_B[task]
-            stats.low_rank_dense += A.numel() + B.numel()
-            stats.low_rank_params += int(torch.count_nonzero(A)) + int(torch.count_nonzero(B))
+        rank = layer.rank(task)
+        if rank:
+            stats.low_rank_dense += rank * (layer.out_features + layer.in_features)
+            for which in ("A", "B"):
+                dense = getattr(layer, f"halrp_{which}")
+                held = dense[task] if task in dense else getattr(layer, f"halrp_{which}_values")[task]
+                stats.low_rank_params += int(torch.count_nonzero(held))
         if layer.supports_low_rank:
             stats.ranks[name] = layer.rank(task)
     for norm in norms:
-        if task in norm.tasks:
-            stats.norm_params += norm_state_size(norm.tasks[task])
-    if head is not None and task in head.heads:
-        stats.head_params = sum(p.numel() for p in head.heads[task].parameters())
+        if task in norm.halrp_norm:
+            stats.norm_params += norm_state_size(norm.halrp_norm[task])
+    if head is not None and task in head.halrp_head:
+        stats.head_params = sum(p.numel() for p in head.halrp_head[task].parameters())
     return stats

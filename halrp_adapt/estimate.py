@@ -43,10 +43,10 @@ def _adopt_trial_state(handle: "HalrpModel", task: str, trial_modules: dict[str,
         if bias is not None:
             layer.set_bias(task, bias)
     for name, norm in handle.task_norms().items():
-        norm.tasks[task].load_state_dict(trial_modules[name].state_dict())
+        norm.halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
     head = handle.task_head()
     if head is not None:
-        head.heads[task].load_state_dict(trial_modules[handle.head_name].state_dict())
+        head.halrp_head[task].load_state_dict(trial_modules[handle.head_name].state_dict())
 
 
 def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,

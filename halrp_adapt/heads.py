@@ -78,44 +78,33 @@ def new_head(head: nn.Module, num_classes: Optional[int],
 class TaskHead(TaskRouted):
     """Routes the classifier to the active task's own head; the base head when none is active."""
 
+    adapter_layer_names = ("halrp_head",)
+
     def __init__(self, base_layer: nn.Module, in_features: Optional[int] = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.heads = nn.ModuleDict()
+        self.halrp_head = nn.ModuleDict()
         self.in_features = in_features
 
-    def task_names(self) -> list[str]:
-        return list(self.heads.keys())
-
     def add_task(self, task: str, num_classes: Optional[int]) -> None:
-        self.heads[task] = new_head(self.base_layer, num_classes, self.in_features)
+        self.halrp_head[task] = new_head(self.base_layer, num_classes, self.in_features)
 
     def num_classes(self, task: str) -> Optional[int]:
-        linears = [m for m in self.heads[task].modules() if isinstance(m, nn.Linear)]
+        linears = [m for m in self.halrp_head[task].modules() if isinstance(m, nn.Linear)]
         return linears[-1].out_features if linears else None
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return list(self.heads[task].parameters()) if task in self.heads else []
 
     def freeze_task(self, task: str) -> None:
         super().freeze_task(task)
-        self.heads[task].eval()
+        self.halrp_head[task].eval()
 
     def train(self, mode: bool = True) -> "TaskHead":
         super().train(mode)
         for task in self.frozen_tasks:
-            if task in self.heads:
-                self.heads[task].train(False)
+            if task in self.halrp_head:
+                self.halrp_head[task].train(False)
         return self
 
-    def remove_task(self, task: str) -> None:
-        if task in self.heads:
-            del self.heads[task]
-        self.frozen_tasks.discard(task)
-        if self.active_task == task:
-            self.active_task = None
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        task = self.active_task
-        head = self.base_layer if task is None else self.heads[task]
+        task = self.routed_task
+        head = self.base_layer if task is None else self.halrp_head[task]
         return head(*args, **kwargs)

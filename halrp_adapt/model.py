@@ -223,13 +223,7 @@ class HalrpModel(nn.Module):
         if info.trains_base:
             self._adopt_as_base(task)
         else:
-            factors = [d[task] for layer in layers.values()
-                       for d in (layer.halrp_A, layer.halrp_B) if task in d]
-            stats = task_stats(task, layers, list(self.task_norms().values()), None,
-                               self.backbone_params, False)
-            fixed = stats.stored_params - stats.low_rank_params
-            keep = math.floor(self.config.budget * self.backbone_params) - fixed
-            prune_(factors, prune_threshold(factors, keep, self.config.prune_floor))
+            self._prune(task, layers)
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)
@@ -267,9 +261,9 @@ class HalrpModel(nn.Module):
             if isinstance(module, HalrpLayer):
                 memo[id(module)] = module.merged_layer(name)
             elif isinstance(module, TaskNorm):
-                memo[id(module)] = copy.deepcopy(module.tasks[name])
+                memo[id(module)] = copy.deepcopy(module.halrp_norm[name])
             elif isinstance(module, TaskHead):
-                memo[id(module)] = copy.deepcopy(module.heads[name])
+                memo[id(module)] = copy.deepcopy(module.halrp_head[name])
         plain = copy.deepcopy(self.model, memo)
         for p in plain.parameters():
             p.requires_grad_(True)
@@ -308,6 +302,22 @@ class HalrpModel(nn.Module):
                 keep.append(module.weight)
         return keep + [p for p in self.model.parameters() if id(p) not in skip]
 
+    def _prune(self, task: str, layers: dict[str, HalrpLayer]) -> None:
+        """Zero the smallest factor entries so the task stays within its budget, in parameters
+        and in bytes: when the dense factors alone exceed what the budget leaves, the kept
+        entries also pay for the 1-bit-per-entry mask of their compact form (`sparse.py`)."""
+        factors = [d[task] for layer in layers.values()
+                   for d in (layer.halrp_A, layer.halrp_B) if task in d]
+        stats = task_stats(task, layers, list(self.task_norms().values()), None,
+                           self.backbone_params, False)
+        room = math.floor(self.config.budget * self.backbone_params) - \
+            (stats.stored_params - stats.low_rank_params)
+        dense = sum(f.numel() for f in factors)
+        keep = room if dense <= room else room - math.ceil(dense / 32)
+        prune_(factors, prune_threshold(factors, keep, self.config.prune_floor))
+        for layer in layers.values():
+            layer.compact_factors(task)
+
     def _adopt_as_base(self, task: str) -> None:
         """After a base-training task, its biases and norms become the base that later tasks
         start from (its own copies stay its own)."""
@@ -317,7 +327,7 @@ class HalrpModel(nn.Module):
                 if bias is not None and task in layer.halrp_bias:
                     bias.copy_(layer.halrp_bias[task])
             for norm in self.task_norms().values():
-                norm.base_layer.load_state_dict(norm.tasks[task].state_dict())
+                norm.base_layer.load_state_dict(norm.halrp_norm[task].state_dict())
 
     def _check_budget_covers_fixed_cost(self) -> None:
         fixed = fixed_task_cost(list(self.adapter_layers().values()),

@@ -19,42 +19,31 @@ from .routing import TaskRouted
 class TaskNorm(TaskRouted):
     """Routes a normalisation layer's forward to the active task's own copy."""
 
+    adapter_layer_names = ("halrp_norm",)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.tasks = nn.ModuleDict()
+        self.halrp_norm = nn.ModuleDict()
         self.base_layer.eval()
 
-    def task_names(self) -> list[str]:
-        return list(self.tasks.keys())
-
     def add_task(self, task: str) -> None:
-        self.tasks[task] = copy.deepcopy(self.base_layer)
-        self.tasks[task].train(self.training)
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return list(self.tasks[task].parameters()) if task in self.tasks else []
+        self.halrp_norm[task] = copy.deepcopy(self.base_layer)
+        self.halrp_norm[task].train(self.training)
 
     def freeze_task(self, task: str) -> None:
         super().freeze_task(task)
-        self.tasks[task].eval()
-
-    def remove_task(self, task: str) -> None:
-        if task in self.tasks:
-            del self.tasks[task]
-        self.frozen_tasks.discard(task)
-        if self.active_task == task:
-            self.active_task = None
+        self.halrp_norm[task].eval()
 
     def train(self, mode: bool = True) -> "TaskNorm":
         super().train(mode)
         self.base_layer.train(False)
         for task in self.frozen_tasks:
-            if task in self.tasks:
-                self.tasks[task].train(False)
+            if task in self.halrp_norm:
+                self.halrp_norm[task].train(False)
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        task = self.active_task
-        norm = self.base_layer if task is None else self.tasks[task]
+        task = self.routed_task
+        norm = self.base_layer if task is None else self.halrp_norm[task]
         return norm(*args, **kwargs)

@@ -14,13 +14,24 @@ import copy
 from typing import Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
 from ..routing import TaskRouted
+from ..sparse import compact, expand, worth_compacting
 
 
 class HalrpLayer(TaskRouted):
-    """Base class of the adapter layers; see the module docstring for the math."""
+    """Base class of the adapter layers; see the module docstring for the math.
+
+    A factor is held densely (`halrp_A[task]`) while its task trains; once the task is pruned,
+    a factor with enough zeros is held compactly (`halrp_A_values[task]` + `halrp_A_mask[task]`,
+    see `sparse.py`), so that `state_dict()` and the saved files follow the pruned size.
+    """
+
+    adapter_layer_names = ("halrp_r", "halrp_s", "halrp_A", "halrp_B", "halrp_bias",
+                           "halrp_A_values", "halrp_B_values")
+    other_param_names = ("halrp_A_mask", "halrp_B_mask")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -30,6 +41,11 @@ class HalrpLayer(TaskRouted):
         self.halrp_A = nn.ParameterDict()
         self.halrp_B = nn.ParameterDict()
         self.halrp_bias = nn.ParameterDict()
+        self.halrp_A_values = nn.ParameterDict()
+        self.halrp_B_values = nn.ParameterDict()
+        self.halrp_A_mask = BufferDict(persistent=True)
+        self.halrp_B_mask = BufferDict(persistent=True)
+        self.task_ranks: dict[str, int] = {}
 
     @classmethod
     def handles_forward_of(cls, module: nn.Module) -> bool:
@@ -83,9 +99,6 @@ class HalrpLayer(TaskRouted):
         return v
 
     # ---- per-task state ----------------------------------------------------------------------
-    def task_names(self) -> list[str]:
-        return list(self.halrp_bias.keys() | self.halrp_r.keys())
-
     def add_task(self, task: str, scales: bool = True) -> None:
         """Give `task` identity scales (if `scales`) and a copy of the base bias; no factors."""
         w = self.weight
@@ -113,8 +126,63 @@ class HalrpLayer(TaskRouted):
             raise ValueError(f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
                              f"layer of in={self.in_features}, out={self.out_features}.")
         w = self.weight
+        self._drop_factors(task)
         self.halrp_A[task] = nn.Parameter(A.detach().to(w.device, w.dtype).clone())
         self.halrp_B[task] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
+        self.task_ranks[task] = A.shape[0]
+
+    def factor_shape(self, task: str, which: str) -> tuple[int, int]:
+        k = self.rank(task)
+        return (k, self.in_features) if which == "A" else (self.out_features, k)
+
+    def factor(self, task: str, which: str) -> Optional[Tensor]:
+        """The task's dense factor `which` ("A" or "B"), expanded if held compactly."""
+        dense = getattr(self, f"halrp_{which}")
+        if task in dense:
+            return dense[task]
+        values = getattr(self, f"halrp_{which}_values")
+        if task not in values:
+            return None
+        return expand(values[task], getattr(self, f"halrp_{which}_mask")[task],
+                      self.factor_shape(task, which))
+
+    @torch.no_grad()
+    def compact_factors(self, task: str) -> None:
+        """Hold each of the task's factors compactly if that takes fewer bytes."""
+        for which in ("A", "B"):
+            dense = getattr(self, f"halrp_{which}")
+            if task in dense and worth_compacting(dense[task]):
+                values, mask = compact(dense[task])
+                del dense[task]
+                getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(values,
+                                                                             requires_grad=False)
+                getattr(self, f"halrp_{which}_mask")[task] = mask
+
+    def add_factor_skeleton(self, task: str, rank: int, nonzeros: dict[str, Optional[int]]) -> None:
+        """Empty factors of the right shapes, to be filled by `load_state_dict`: dense where
+        `nonzeros[which]` is None, compact with that many values otherwise."""
+        w = self.weight
+        self._drop_factors(task)
+        self.task_ranks[task] = rank
+        for which in ("A", "B"):
+            shape = self.factor_shape(task, which)
+            count = nonzeros.get(which)
+            if count is None:
+                getattr(self, f"halrp_{which}")[task] = nn.Parameter(
+                    torch.zeros(shape, device=w.device, dtype=w.dtype))
+                continue
+            getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(
+                torch.zeros(count, device=w.device, dtype=w.dtype), requires_grad=False)
+            getattr(self, f"halrp_{which}_mask")[task] = torch.zeros(
+                (shape[0] * shape[1] + 7) // 8, device=w.device, dtype=torch.uint8)
+
+    def _drop_factors(self, task: str) -> None:
+        for attr in ("halrp_A", "halrp_B", "halrp_A_values", "halrp_B_values", "halrp_A_mask",
+                     "halrp_B_mask"):
+            container = getattr(self, attr)
+            if task in container:
+                del container[task]
+        self.task_ranks.pop(task, None)
 
     def set_bias(self, task: str, bias: Tensor) -> None:
         if task in self.halrp_bias:
@@ -122,25 +190,15 @@ class HalrpLayer(TaskRouted):
                 self.halrp_bias[task].copy_(bias)
 
     def rank(self, task: str) -> int:
-        return self.halrp_A[task].shape[0] if task in self.halrp_A else 0
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return [d[task] for d in self._task_dicts() if task in d]
+        return self.task_ranks.get(task, 0)
 
     def remove_task(self, task: str) -> None:
-        for d in self._task_dicts():
-            if task in d:
-                del d[task]
-        self.frozen_tasks.discard(task)
-        if self.active_task == task:
-            self.active_task = None
-
-    def _task_dicts(self) -> tuple[nn.ParameterDict, ...]:
-        return (self.halrp_r, self.halrp_s, self.halrp_A, self.halrp_B, self.halrp_bias)
+        super().remove_task(task)
+        self.task_ranks.pop(task, None)
 
     # ---- forward and merge -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        task = self.active_task
+        task = self.routed_task
         if task is None:
             return self.base_layer(x)
         return self.task_forward(x, task)
@@ -151,8 +209,8 @@ class HalrpLayer(TaskRouted):
         y = self.scaled_forward(x, r, s)
         if task in self.halrp_bias:
             y = y + self.channel_view(self.halrp_bias[task])
-        if task in self.halrp_A:
-            y = y + self.low_rank_forward(x, self.halrp_A[task], self.halrp_B[task])
+        if self.rank(task):
+            y = y + self.low_rank_forward(x, self.factor(task, "A"), self.factor(task, "B"))
         return y
 
     def expand_input_scale(self, s: Tensor) -> Tensor:
@@ -168,8 +226,8 @@ class HalrpLayer(TaskRouted):
         if task in self.halrp_r:
             wc = wc * self.halrp_r[task][:, None, None]
             wc = wc * self.expand_input_scale(self.halrp_s[task])[:, :, None]
-        if task in self.halrp_A:
-            wc = wc + (self.halrp_B[task] @ self.halrp_A[task])[:, :, None]
+        if self.rank(task):
+            wc = wc + (self.factor(task, "B") @ self.factor(task, "A"))[:, :, None]
         return self.from_canonical(wc)
 
     @torch.no_grad()
