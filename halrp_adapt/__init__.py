@@ -18,11 +18,15 @@ from typing import Any, Optional
 from torch import nn
 
 from .accounting import HalrpReport, TaskStats
-from .config import HalrpConfig
+from .config import HalrpConfig, HalrpType
 from .layers import HalrpConv1D, HalrpConv2d, HalrpLayer, HalrpLinear
+from .loading import load
 from .losses import default_loss
 from .model import HalrpModel
 from .registry import register_layer_type, register_norm_type, supported_layer_types
+from .tuner import HalrpTuner, register_with_peft
+
+register_with_peft()
 
 __version__ = "0.1.0"
 
@@ -56,7 +60,7 @@ def attach(model: nn.Module, budget: float = 0.05, *, config: Optional[HalrpConf
 
 
 __all__ = [
-    "attach", "HalrpConfig", "HalrpModel", "HalrpReport", "TaskStats", "HalrpLayer",
+    "attach", "load", "HalrpConfig", "HalrpType", "HalrpTuner", "HalrpModel", "HalrpReport", "TaskStats", "HalrpLayer",
     "HalrpLinear", "HalrpConv2d", "HalrpConv1D", "register_layer_type", "register_norm_type",
     "supported_layer_types", "default_loss", "__version__",
 ]

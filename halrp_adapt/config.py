@@ -1,16 +1,31 @@
-"""`HalrpConfig`: every option of HALRP, with the reference code's defaults."""
+"""`HalrpConfig`: every option of HALRP, with the reference code's defaults.
+
+It is a PEFT `PeftConfig`, so that `peft.get_peft_model(model, HalrpConfig(...))` works and a
+saved task's `adapter_config.json` is a PEFT adapter config. The fields under "per task" are
+filled in by the library when a task is saved: they describe that task's exact shapes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from peft import PeftConfig
+
 SVD_METHODS = ("auto", "full", "randomized")
+FORMAT_VERSION = 1
+
+
+class HalrpType(str, enum.Enum):
+    """HALRP's entry in PEFT's type tables (PEFT's own `PeftType` enum cannot be extended)."""
+
+    HALRP = "HALRP"
 
 
 @dataclass
-class HalrpConfig:
+class HalrpConfig(PeftConfig):
     """Options of a HALRP attachment.
 
     Defaults follow the reference code (lijiaqi/HALRP, ``scripts/*.sh``): explained share 0.9,
@@ -86,7 +101,31 @@ class HalrpConfig:
                   "protocol); later tasks get adapters."},
     )
 
+    # ---- per task: written by save_pretrained, read when a task is loaded ----------------------
+    num_classes: Optional[int] = field(
+        default=None, metadata={"help": "Classes of this task's head (None: the backbone's head)."})
+    trains_base: bool = field(
+        default=False, metadata={"help": "This task trained the backbone itself (train_base)."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Rank of each adapted layer for this task."})
+    sparse_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Nonzero count of each factor held compactly, keyed '<layer>.A'/'.B'."})
+    norm_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Normalisation layers with per-task copies (None: auto)."})
+    backbone_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "Fingerprint of the frozen backbone the task was made on."})
+    metrics: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Figures measured on this task, e.g. accuracy."})
+    format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Version of halrp_adapt's file format."})
+
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = HalrpType.HALRP
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"`format_version` {self.format_version!r} is not supported by this "
+                             f"halrp_adapt (it reads version {FORMAT_VERSION}).")
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
         _check_number("explained", self.explained, low=0.0, high=1.0, low_open=True)
         for name in ("l1", "wd", "prune_floor", "trial_lr"):
@@ -116,16 +155,26 @@ class HalrpConfig:
                             f"got {type(self.head_module).__name__}.")
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """The user-facing options (not PEFT's bookkeeping nor the per-task fields)."""
+        skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(TASK_FIELDS)
+        return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+
+    @classmethod
     def from_options(cls, **options: Any) -> "HalrpConfig":
         """Build a config from keyword options, naming any option that does not exist."""
-        allowed = {f.name for f in dataclasses.fields(cls)}
+        allowed = set(cls.option_names())
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; allowed options: {sorted(allowed)}.")
         return cls(**options)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_names()}
+
+
+TASK_FIELDS = ("num_classes", "trains_base", "rank_pattern", "sparse_pattern", "norm_modules",
+               "backbone_fingerprint", "metrics", "format_version")
 
 
 def _check_number(name: str, value: Any, low: float, high: Optional[float],

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -32,13 +34,31 @@ from .targets import select_norms, select_targets
 
 @dataclass
 class TaskInfo:
-    """What the handle knows of a task beyond its tensors."""
+    """What the handle knows of a task beyond its tensors. `config` is the task's own
+    `HalrpConfig` (the same object PEFT keeps in `peft_config[task]`)."""
 
     name: str
-    num_classes: Optional[int]
-    trains_base: bool = False
+    config: HalrpConfig
     finished: bool = False
     estimate: Optional[Any] = field(default=None, repr=False)
+
+    @property
+    def trains_base(self) -> bool:
+        return self.config.trains_base
+
+
+class _HandleRef:
+    """The model's link back to its handle: not a submodule, and dropped by deepcopy (a merged
+    copy of the model has no handle)."""
+
+    def __init__(self, handle: Optional["HalrpModel"]) -> None:
+        self.handle = handle
+
+    def __deepcopy__(self, memo: dict) -> "_HandleRef":
+        return _HandleRef(None)
+
+    def __reduce__(self) -> tuple:
+        return (_HandleRef, (None,))
 
 
 class HalrpModel(nn.Module):
@@ -63,6 +83,7 @@ class HalrpModel(nn.Module):
         self.config = config
         self._tasks: dict[str, TaskInfo] = {}
         head = find_head(model, config.head_module)
+        self.base_class = f"{type(model).__module__}.{type(model).__qualname__}"
         if head is not None and _is_tied(model, head):
             head_is_shared = True  # e.g. a causal LM whose lm_head is the token embedding
         else:
@@ -82,6 +103,14 @@ class HalrpModel(nn.Module):
             in_features = getattr(model, "num_features", None)
             _replace(model, head, TaskHead(model.get_submodule(head), in_features))
         self._check_budget_covers_fixed_cost()
+        model.__dict__["_halrp_handle_ref"] = _HandleRef(self)
+
+    @staticmethod
+    def of(model: nn.Module) -> Optional["HalrpModel"]:
+        """The handle attached to `model`, if any."""
+        ref = model.__dict__.get("_halrp_handle_ref")
+        handle = ref.handle if ref is not None else None
+        return handle if handle is not None and handle.model is model else None
 
     # ---- inspection --------------------------------------------------------------------------
     @property
@@ -157,9 +186,102 @@ class HalrpModel(nn.Module):
             norm.add_task(name)
         if head is not None:
             head.add_task(name, num_classes)
-        self._tasks[name] = TaskInfo(name, num_classes, trains_base=trains_base)
+        config = dataclasses.replace(self.config, num_classes=num_classes,
+                                     trains_base=trains_base, inference_mode=False)
+        self._tasks[name] = TaskInfo(name, config)
         self._make_trainable(name)
         self.set_task(name)
+
+    def add_task_from_config(self, name: str, config: HalrpConfig) -> None:
+        """Add task `name` as `config` describes it: a new task to train when its config has no
+        ranks yet, else a saved task's exact skeleton (shapes only; values come from a file),
+        finished when `config.inference_mode` is set. This is how PEFT adds adapters."""
+        if not config.rank_pattern and not config.trains_base and not config.inference_mode:
+            self.add_task(name, num_classes=config.num_classes)
+            self._tasks[name].config = config
+            self._refresh_task_config(name)
+            return
+        check_task_name(name)
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
+        self.check_compatible(config)
+        layers, head = self.adapter_layers(), self.task_head()
+        for layer_name, layer in layers.items():
+            layer.add_task(name, scales=not config.trains_base)
+            rank = config.rank_pattern.get(layer_name, 0)
+            if rank:
+                layer.add_factor_skeleton(name, rank, {
+                    which: config.sparse_pattern.get(f"{layer_name}.{which}") for which in "AB"})
+        for norm in self.task_norms().values():
+            norm.add_task(name)
+        if head is not None:
+            head.add_task(name, config.num_classes)
+        self._tasks[name] = TaskInfo(name, config, finished=bool(config.inference_mode))
+        if config.inference_mode:
+            for module in self._routed():
+                if name in module.task_names():
+                    module.freeze_task(name)
+        else:
+            self._make_trainable(name)
+        self.set_task(name)
+
+    def check_compatible(self, config: HalrpConfig) -> None:
+        """Raise ValueError, changing nothing, when a saved task's config does not fit this
+        model (other backbone weights, layers it did not adapt, a head it cannot have)."""
+        from .serialization import backbone_fingerprint
+
+        if config.backbone_fingerprint is not None:
+            here = backbone_fingerprint(self)
+            if here != config.backbone_fingerprint:
+                raise ValueError(
+                    f"the task was saved on another backbone (fingerprint "
+                    f"{config.backbone_fingerprint[:12]}..., this model's is {here[:12]}...): "
+                    "load it into the same pretrained weights it was trained on.")
+        layers = self.adapter_layers()
+        unknown = sorted(set(config.rank_pattern) - set(layers))
+        if unknown:
+            raise ValueError(f"the task adapts layers this model does not have or does not "
+                             f"adapt: {unknown[:5]}; adapted here: {list(layers)[:5]}...")
+        for key in config.sparse_pattern:
+            layer, _, which = key.rpartition(".")
+            if which not in ("A", "B") or layer not in config.rank_pattern:
+                raise ValueError(f"`sparse_pattern` key {key!r} names no factor of the task.")
+        if config.norm_modules is not None and sorted(config.norm_modules) != \
+                sorted(self.task_norms()):
+            raise ValueError("the task was saved with per-task norms in other layers: "
+                             f"{sorted(config.norm_modules)[:5]} vs {sorted(self.task_norms())[:5]}.")
+        if config.num_classes is not None and self.task_head() is None:
+            raise ValueError("the task has its own head of "
+                             f"{config.num_classes} classes but this model has no per-task head.")
+
+    def task_config(self, name: str) -> HalrpConfig:
+        """Task `name`'s config, brought up to date with its current shapes."""
+        self._info(name)
+        return self._refresh_task_config(name)
+
+    def _refresh_task_config(self, name: str) -> HalrpConfig:
+        config = self._tasks[name].config
+        layers = self.adapter_layers()
+        config.rank_pattern = {n: l.rank(name) for n, l in layers.items() if l.rank(name)}
+        config.sparse_pattern = {f"{n}.{which}": getattr(l, f"halrp_{which}_values")[name].numel()
+                                 for n, l in layers.items() for which in "AB"
+                                 if name in getattr(l, f"halrp_{which}_values")}
+        config.target_modules = "|".join(re.escape(n) for n in layers)
+        config.exclude_modules = None
+        config.norm_modules = list(self.task_norms())
+        config.head_module = self.head_name
+        config.inference_mode = self._tasks[name].finished
+        head = self.task_head()
+        if head is not None and name in head.halrp_head:
+            config.num_classes = head.num_classes(name)
+        return config
+
+    def delete_task(self, name: str) -> None:
+        """Remove task `name` and all its tensors."""
+        self._info(name)
+        for module in self._routed():
+            module.remove_task(name)
+        del self._tasks[name]
 
     def estimate_ranks(self, data: Iterable[Any], *, loss_fn: Optional[LossFn] = None,
                        fisher_data: Optional[Iterable[Any]] = None,
@@ -187,6 +309,7 @@ class HalrpModel(nn.Module):
                                epochs=epochs, steps=steps, lr=lr)
         info.estimate = result
         self._make_trainable(info.name)
+        self._refresh_task_config(info.name)
         return dict(result.ranks)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -230,6 +353,7 @@ class HalrpModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         info.finished = True
+        self._refresh_task_config(task)
         return self.report().tasks[task]
 
     def set_task(self, name: Optional[str]) -> None:
@@ -249,25 +373,43 @@ class HalrpModel(nn.Module):
         finally:
             self.set_task(previous)
 
-    def merge(self, name: str) -> nn.Module:
-        """A plain copy of the model for task `name`: merged weights, no HALRP modules.
+    def merge(self, name: str, inplace: bool = False) -> nn.Module:
+        """A plain model for task `name`: merged weights, no HALRP modules.
 
         Its outputs equal the adapted model's for that task (up to float rounding), with no
-        inference overhead.
+        inference overhead. By default a copy; `inplace=True` turns the attached model itself
+        into the plain model (every other task is dropped) and detaches this handle.
         """
         self._info(name)
-        memo: dict[int, Any] = {}
+        plain_parts: dict[int, nn.Module] = {}
         for module in self._routed():
             if isinstance(module, HalrpLayer):
-                memo[id(module)] = module.merged_layer(name)
+                plain_parts[id(module)] = module.merged_layer(name)
             elif isinstance(module, TaskNorm):
-                memo[id(module)] = copy.deepcopy(module.halrp_norm[name])
+                plain_parts[id(module)] = copy.deepcopy(module.halrp_norm[name])
             elif isinstance(module, TaskHead):
-                memo[id(module)] = copy.deepcopy(module.halrp_head[name])
-        plain = copy.deepcopy(self.model, memo)
+                plain_parts[id(module)] = copy.deepcopy(module.halrp_head[name])
+        if inplace:
+            return self._swap_out(lambda m: plain_parts[id(m)])
+        plain = copy.deepcopy(self.model, dict(plain_parts))
         for p in plain.parameters():
             p.requires_grad_(True)
         return plain.train(self.model.training)
+
+    def unload(self) -> nn.Module:
+        """Remove every HALRP module, giving back the backbone as it was attached."""
+        return self._swap_out(lambda m: m.base_layer)
+
+    def _swap_out(self, replacement: Any) -> nn.Module:
+        model = self.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, TaskRouted) and name:
+                _replace(model, name, replacement(module))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.__dict__.pop("_halrp_handle_ref", None)
+        self._tasks.clear()
+        return model
 
     def report(self) -> HalrpReport:
         """Per-task ranks, parameter counts by kind, and growth over the backbone."""
@@ -276,6 +418,49 @@ class HalrpModel(nn.Module):
         stats = {name: task_stats(name, layers, norms, head, self.backbone_params, info.finished)
                  for name, info in self._tasks.items()}
         return HalrpReport(self.backbone_params, self.config.budget, stats)
+
+    def record_metrics(self, name: str, **figures: float) -> None:
+        """Keep figures measured on task `name` (e.g. accuracy=91.2); saved with the task and
+        shown on the Hub model card."""
+        self._info(name).config.metrics.update({k: float(v) for k, v in figures.items()})
+
+    # ---- files, Hub, export ------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, tasks: Optional[list[str]] = None,
+                        dtype: str = "float32") -> list[str]:
+        """Save each task (default: every finished one) as its own PEFT adapter folder.
+
+        `save_directory/<task>/adapter_model.safetensors` + `adapter_config.json`, and the
+        index `halrp_index.json`. Saving one task never rewrites another; writes are atomic.
+        `dtype`: "float32" (default), "bfloat16" or "float16". Returns the tasks written.
+
+        Example:
+            >>> cl.save_pretrained("shelf/")                               # doctest: +SKIP
+        """
+        from .storage import save_pretrained
+
+        return save_pretrained(self, save_directory, tasks=tasks, dtype=dtype)
+
+    def push_to_hub(self, repo_id: str, tasks: Optional[list[str]] = None,
+                    private: Optional[bool] = None, commit_message: Optional[str] = None,
+                    token: Optional[str] = None, dtype: str = "float32") -> Any:
+        """Upload tasks (default: every finished one) to the Hub in one commit, keeping the
+        tasks already there, with a model card. Returns the commit info.
+
+        Example:
+            >>> cl.push_to_hub("my-org/vit-s-split-imagenet", private=True)  # doctest: +SKIP
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, tasks=tasks, private=private,
+                           commit_message=commit_message, token=token, dtype=dtype)
+
+    def save_merged(self, name: str, save_directory: str) -> Any:
+        """Save task `name` merged into a plain model that loads without halrp_adapt
+        (transformers `save_pretrained`, timm `save_for_hf`, else a safetensors state dict)."""
+        from .export import save_merged
+
+        self._info(name)
+        return save_merged(self, name, save_directory)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

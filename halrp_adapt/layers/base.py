@@ -21,6 +21,14 @@ from ..routing import TaskRouted
 from ..sparse import compact, expand, worth_compacting
 
 
+def _own(t: Tensor, like: Tensor) -> nn.Parameter:
+    """A contiguous copy of `t` on `like`'s device and dtype. Contiguous on purpose: a factor
+    sliced out of an SVD is strided, and the same values in another memory layout take another
+    matmul path, which would break bit-identical outputs after a save/load round trip."""
+    return nn.Parameter(t.detach().to(like.device, like.dtype).clone(
+        memory_format=torch.contiguous_format))
+
+
 class HalrpLayer(TaskRouted):
     """Base class of the adapter layers; see the module docstring for the math.
 
@@ -109,12 +117,12 @@ class HalrpLayer(TaskRouted):
                                                          dtype=w.dtype))
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
-            self.halrp_bias[task] = nn.Parameter(bias.detach().clone())
+            self.halrp_bias[task] = _own(bias, bias)
 
     def set_scales(self, task: str, r: Tensor, s: Tensor) -> None:
         w = self.weight
-        self.halrp_r[task] = nn.Parameter(r.detach().to(w.device, w.dtype).clone())
-        self.halrp_s[task] = nn.Parameter(s.detach().to(w.device, w.dtype).clone())
+        self.halrp_r[task] = _own(r, w)
+        self.halrp_s[task] = _own(s, w)
 
     def set_low_rank(self, task: str, A: Tensor, B: Tensor) -> None:
         """Set the task's factors: A is (k, in), B is (out, k)."""
@@ -127,8 +135,8 @@ class HalrpLayer(TaskRouted):
                              f"layer of in={self.in_features}, out={self.out_features}.")
         w = self.weight
         self._drop_factors(task)
-        self.halrp_A[task] = nn.Parameter(A.detach().to(w.device, w.dtype).clone())
-        self.halrp_B[task] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
+        self.halrp_A[task] = _own(A, w)
+        self.halrp_B[task] = _own(B, w)
         self.task_ranks[task] = A.shape[0]
 
     def factor_shape(self, task: str, which: str) -> tuple[int, int]:

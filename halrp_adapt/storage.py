@@ -1,0 +1,262 @@
+"""The shelf on disk: one folder per task in PEFT's layout, and an index over them.
+
+```
+shelf/
+  halrp_index.json              tasks in order, backbone identity, shared options, task summaries
+  base_model.safetensors        only when a task trained the backbone itself (train_base)
+  <task>/adapter_model.safetensors
+  <task>/adapter_config.json    a PEFT adapter config (peft_type "HALRP")
+```
+
+Every file is written to a temporary name in its folder and renamed into place, and the index
+is read, merged and rewritten under an exclusive lock, so that a crash or a concurrent writer
+never leaves a task half-written nor drops another task from the index. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .config import FORMAT_VERSION, HalrpConfig
+from .routing import check_task_name
+from .serialization import backbone_fingerprint, backbone_state
+
+if TYPE_CHECKING:
+    from .model import HalrpModel
+
+INDEX_NAME = "halrp_index.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+BASE_NAME = "base_model.safetensors"
+LOCK_NAME = ".halrp.lock"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write `path` through a temporary file in the same folder, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+@contextlib.contextmanager
+def index_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock on the shelf's index, across processes (fcntl.flock)."""
+    with open(root / LOCK_NAME, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
+                    tasks: Optional[Sequence[str]] = None, dtype: str = "float32") -> list[str]:
+    """Write `tasks` (default: every finished task) into `save_directory`; return their names.
+
+    Other tasks' folders are never touched; the index keeps every task it listed.
+    """
+    from .model import HalrpModel  # noqa: F401  (type only)
+
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    names = _tasks_to_save(handle, tasks)
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"`save_directory` {str(root)!r} exists and is not a folder.")
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise PermissionError(f"`save_directory` {str(root)!r} is not writable.")
+    fingerprint = backbone_fingerprint(handle)
+    with index_lock(root):
+        index = read_index(root) if (root / INDEX_NAME).exists() else new_index(handle)
+        if index["backbone"]["fingerprint"] != fingerprint:
+            raise ValueError(f"{root} holds tasks of another backbone (fingerprint "
+                             f"{index['backbone']['fingerprint'][:12]}...); save into a new "
+                             "folder.")
+        if any(handle._tasks[t].trains_base for t in handle.tasks) and \
+                not (root / BASE_NAME).exists():
+            base = {k: v.detach().to("cpu").contiguous()
+                    for k, v in backbone_state(handle).items()}
+            atomic_write(root / BASE_NAME, lambda f: f.write(safetensors_bytes(base)))
+            index["base_weights"] = BASE_NAME
+        from .serialization import task_state_dict
+
+        for name in names:
+            config = handle.task_config(name)
+            config.backbone_fingerprint = fingerprint
+            folder = root / name
+            _check_inside(root, folder)
+            folder.mkdir(exist_ok=True)
+            tensors = task_state_dict(handle, name, DTYPES[dtype])
+            meta = {"format": "pt", "halrp_format_version": str(FORMAT_VERSION), "task": name}
+            blob = safetensors_bytes(tensors, metadata=meta)
+            atomic_write(folder / WEIGHTS_NAME, lambda f, b=blob: f.write(b))
+            atomic_write(folder / CONFIG_NAME,
+                         lambda f, c=config: f.write(_json_bytes(c.to_dict())))
+            if name not in index["tasks"]:
+                index["tasks"].append(name)
+            index["task_info"][name] = _summary(handle, name)
+        atomic_write(root / INDEX_NAME, lambda f: f.write(_json_bytes(index)))
+    return names
+
+
+def _tasks_to_save(handle: "HalrpModel", tasks: Optional[Sequence[str]]) -> list[str]:
+    if tasks is None:
+        return [t for t in handle.tasks if handle._tasks[t].finished]
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    names = list(tasks)
+    for name in names:
+        info = handle._info(name)
+        if not info.finished:
+            raise ValueError(f"task {name!r} is still in training: call end_task() before "
+                             "saving it.")
+    return names
+
+
+def new_index(handle: "HalrpModel") -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "halrp_adapt",
+        "library_version": __version__,
+        "backbone": {"class": handle.base_class, "params": handle.backbone_params,
+                     "fingerprint": backbone_fingerprint(handle)},
+        "options": handle.config.options(),
+        "base_weights": None,
+        "tasks": [],
+        "task_info": {},
+    }
+
+
+def _summary(handle: "HalrpModel", name: str) -> dict[str, Any]:
+    stats = handle.report().tasks[name]
+    ranks = list(stats.ranks.values())
+    return {"num_classes": handle._tasks[name].config.num_classes, "growth": stats.growth,
+            "mean_rank": sum(ranks) / len(ranks) if ranks else 0.0,
+            "metrics": dict(handle._tasks[name].config.metrics)}
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _check_inside(root: Path, path: Path) -> None:
+    resolved_root = root.resolve()
+    resolved = path.resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise ValueError(f"{path} points outside {root} (a symbolic link?); refusing to use it.")
+
+
+def _read_json(path: Path, what: str, limit: int = 16 << 20) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}.")
+    if path.stat().st_size > limit:
+        raise ValueError(f"{path}: {what} is larger than {limit} bytes; refusing to read it.")
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: {what} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The shelf's index, checked field by field."""
+    path = root / INDEX_NAME
+    _check_inside(root, path)
+    index = _read_json(path, "the shelf index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: `format_version` {index.get('format_version')!r} is not "
+                         f"supported (this halrp_adapt reads version {FORMAT_VERSION}).")
+    tasks = index.get("tasks")
+    if not isinstance(tasks, list) or len(set(map(str, tasks))) != len(tasks):
+        raise ValueError(f"{path}: `tasks` must be a list of distinct task names.")
+    for name in tasks:
+        try:
+            check_task_name(name)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    backbone = index.get("backbone")
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("fingerprint"), str)
+            and isinstance(backbone.get("params"), int) and isinstance(backbone.get("class"), str)):
+        raise ValueError(f"{path}: `backbone` must hold `class` (str), `params` (int) and "
+                         "`fingerprint` (str).")
+    if not isinstance(index.get("options"), dict):
+        raise ValueError(f"{path}: `options` must be a JSON object of HalrpConfig options.")
+    if index.get("base_weights") not in (None, BASE_NAME):
+        raise ValueError(f"{path}: `base_weights` must be null or {BASE_NAME!r}.")
+    if not isinstance(index.get("task_info", {}), dict):
+        raise ValueError(f"{path}: `task_info` must be a JSON object.")
+    index.setdefault("task_info", {})
+    return index
+
+
+def read_task_config(root: Path, task: str) -> HalrpConfig:
+    """A task's adapter_config.json as a HalrpConfig; unknown fields and wrong types refused."""
+    path = root / task / CONFIG_NAME
+    _check_inside(root, path)
+    data = _read_json(path, f"the config of task {task!r}")
+    if data.get("peft_type") != "HALRP":
+        raise ValueError(f"{path}: `peft_type` must be 'HALRP', got {data.get('peft_type')!r}.")
+    allowed = {f for f in HalrpConfig.__dataclass_fields__}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown}; allowed: {sorted(allowed)}.")
+    _check_task_field_types(path, data)
+    try:
+        return HalrpConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _check_task_field_types(path: Path, data: dict[str, Any]) -> None:
+    expected = {"rank_pattern": dict, "sparse_pattern": dict, "metrics": dict,
+                "trains_base": bool, "inference_mode": bool}
+    for name, kind in expected.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ValueError(f"{path}: `{name}` must be a {kind.__name__}, got "
+                             f"{type(data[name]).__name__}.")
+    for name in ("rank_pattern", "sparse_pattern"):
+        for key, value in data.get(name, {}).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{path}: `{name}[{key!r}]` must be an int >= 0, got {value!r}.")
+    classes = data.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                or classes < 1):
+        raise ValueError(f"{path}: `num_classes` must be null or an int >= 1, got {classes!r}.")
+
+
+def read_tensors(path: Path, root: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (never a pickle); a broken file is a ValueError."""
+    _check_inside(root, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensor file not found: {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}).") from None
