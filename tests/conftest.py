@@ -18,7 +18,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def tiny_cnn(num_classes: int = 5) -> nn.Sequential:
+def tiny_cnn(num_classes: int = 5, seed: int = 0) -> nn.Sequential:
+    """A small CNN with BatchNorm and LayerNorm; the same weights for the same `seed`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _tiny_cnn(num_classes)
+
+
+def _tiny_cnn(num_classes: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -53,3 +60,31 @@ def learn_task(cl, name: str, data, num_classes=None, loss_fn=None, steps: int =
         cl.estimate_ranks(data, steps=steps, loss_fn=loss_fn)
     train_steps(cl, data, steps=steps, loss_fn=loss_fn)
     cl.end_task()
+
+
+def learn_pruned_task(cl, name: str, data, num_classes=None, loss_fn=None) -> None:
+    """Like `learn_task`, but each layer's factors are replaced by random ones of three times
+    the rank (at least half the full rank) before training, so the task's dense factors exceed its budget: pruning has real
+    work and the task ends with compact (bit-masked) factors."""
+    cl.add_task(name, num_classes=num_classes)
+    cl.estimate_ranks(data, steps=1, loss_fn=loss_fn)
+    for layer in cl.adapter_layers().values():
+        if layer.supports_low_rank:
+            side = min(layer.out_features, layer.in_features)
+            k = min(max(3 * layer.rank(name) + 2, side // 2), side)
+            layer.set_low_rank(name, 0.1 * torch.randn(k, layer.in_features),
+                               0.1 * torch.randn(layer.out_features, k))
+    train_steps(cl, data, steps=1, loss_fn=loss_fn)
+    cl.end_task()
+
+
+def outputs_of(cl, inputs) -> dict:
+    """{task: output} for every task, in eval mode, without gradients."""
+    cl.eval()
+    out = {}
+    with torch.no_grad():
+        for name in cl.tasks:
+            with cl.task(name):
+                result = cl(**inputs) if isinstance(inputs, dict) else cl(inputs)
+            out[name] = result.logits if hasattr(result, "logits") else result
+    return out

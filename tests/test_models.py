@@ -133,7 +133,8 @@ def test_minilm_base_model_has_no_head():
 
 def _gpt2_config() -> transformers.GPT2Config:
     return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
-                                   n_positions=16, pad_token_id=0)
+                                   n_positions=16, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2)
 
 
 def test_gpt2_conv1d_causal_lm_shares_its_tied_head():
