@@ -31,7 +31,10 @@ def save_merged(handle: "HalrpModel", task: str, save_directory: str | os.PathLi
     elif isinstance(getattr(plain, "pretrained_cfg", None), dict):
         from timm.models import save_for_hf
 
-        overrides = {"num_classes": num_classes} if num_classes is not None else {}
+        overrides = {}
+        if num_classes is not None:
+            plain.num_classes = num_classes  # timm keeps the head's size as an attribute
+            overrides["num_classes"] = num_classes
         save_for_hf(plain, root, model_config=overrides, safe_serialization=True)
     else:
         save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()},
