@@ -433,8 +433,10 @@ class HalrpModel(nn.Module):
         index `halrp_index.json`. Saving one task never rewrites another; writes are atomic.
         `dtype`: "float32" (default), "bfloat16" or "float16". Returns the tasks written.
 
-        Example:
-            >>> cl.save_pretrained("shelf/")                               # doctest: +SKIP
+        Example::
+
+            cl.save_pretrained("shelf/")                      # every finished task
+            cl.save_pretrained("shelf/", tasks=["task3"])     # just one, the others untouched
         """
         from .storage import save_pretrained
 
@@ -446,8 +448,9 @@ class HalrpModel(nn.Module):
         """Upload tasks (default: every finished one) to the Hub in one commit, keeping the
         tasks already there, with a model card. Returns the commit info.
 
-        Example:
-            >>> cl.push_to_hub("my-org/vit-s-split-imagenet", private=True)  # doctest: +SKIP
+        Example::
+
+            cl.push_to_hub("my-org/vit-s-split-imagenet", private=True)
         """
         from .hub import push_to_hub
 
