@@ -1,0 +1,93 @@
+"""What the scripts in `recipes/` share: arguments, their checks, and the run itself.
+
+Every check runs before any training, and a bad argument ends the script with one line naming
+the argument and what is allowed (argparse's `error`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import HalrpConfig
+from .task_splits import TaskData
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: Optional[int], batch_size: int,
+                      lr: float, budget: float, output_dir: str) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=epochs,
+                       help="epochs per task" + ("" if epochs else " (default: the recipe's)"))
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help="global batch size, split over the processes")
+    group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    group.add_argument("--lr-decay", type=float, default=None,
+                       help="per-step learning-rate multiplier (the reference's gamma)")
+    group.add_argument("--budget", type=float, default=budget,
+                       help="most parameters a task may add, as a share of the backbone's")
+    group.add_argument("--trial-epochs", type=int, default=1,
+                       help="epochs of the rank-estimation trial (estRank_epoch)")
+    group.add_argument("--trial-steps", type=int, default=None,
+                       help="cap the trial at this many steps")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--output-dir", default=output_dir,
+                       help="adapters, metrics, plots; rerun the same command to resume")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                       help="Accelerate's mixed precision (default: accelerate's config)")
+
+
+def check_output_dir(parser: argparse.ArgumentParser, path: str) -> None:
+    target = Path(path).resolve()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output-dir {path}: {existing} is not a writable folder")
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "trial_epochs"):
+        if getattr(args, name) < (0 if name == "trial_epochs" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.budget <= 1:
+        parser.error(f"--budget must be in (0, 1], got {args.budget}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    check_output_dir(parser, args.output_dir)
+
+
+def check_timm_model(parser: argparse.ArgumentParser, name: str, prefix: str = "") -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"{prefix}*")[:8] if prefix else []
+        parser.error(f"--model {name!r} is not a timm model"
+                     + (f"; e.g. {', '.join(close)}" if close else ""))
+
+
+def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskData],
+              halrp_options: Optional[dict[str, Any]] = None,
+              loss_fn: Optional[Callable] = None) -> dict[str, Any]:
+    """Attach HALRP, run the ContinualTrainer under Accelerate, return the results."""
+    from accelerate import Accelerator
+
+    import halrp_adapt
+    from .trainer import ContinualTrainer, TrainConfig
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=args.mixed_precision)
+    options = {"budget": args.budget, "trial_epochs": args.trial_epochs,
+               **(halrp_options or {})}
+    handle = halrp_adapt.attach(model, config=HalrpConfig.from_options(**options))
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         lr_decay=args.lr_decay, trial_steps=args.trial_steps, seed=args.seed)
+    trainer = ContinualTrainer(handle, tasks, config, accelerator=accelerator,
+                               output_dir=args.output_dir, loss_fn=loss_fn,
+                               progress=not args.no_progress)
+    return trainer.run()

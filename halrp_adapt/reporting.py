@@ -1,0 +1,147 @@
+"""A continual run's results: summary, table, JSON/CSV files and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .metrics import average_accuracy, backward_transfer, forgetting
+
+if TYPE_CHECKING:
+    from .trainer import ContinualTrainer
+
+
+def summarize(trainer: "ContinualTrainer") -> dict[str, Any]:
+    """Everything a run measured, as plain JSON-able data."""
+    state, handle = trainer.state, trainer.handle
+    report = handle.report()
+    names = state.finished
+    tasks = {n: report.tasks[n].to_dict() for n in names}
+    return {
+        "tasks": names,
+        "classes": {t.name: t.classes for t in trainer.tasks if t.name in names},
+        "matrix": state.matrix,
+        "acc": average_accuracy(state.matrix) if names else None,
+        "bwt": backward_transfer(state.matrix) if names else None,
+        "forgetting": forgetting(state.matrix) if names else None,
+        "growth": {n: tasks[n]["growth"] for n in names},
+        "total_growth": sum(tasks[n]["growth"] for n in names),
+        "backbone_params": report.backbone_params,
+        "budget": handle.config.budget,
+        "ranks": {n: tasks[n]["ranks"] for n in names},
+        "params": tasks,
+        "times": state.times,
+        "train_config": {k: v for k, v in vars(trainer.config).items()},
+        "halrp_options": handle.config.options(),
+        "num_processes": trainer.accelerator.num_processes,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The accuracy matrix with growth and time per task, and ACC / BWT / forgetting."""
+    names = result["tasks"]
+    width = max([8] + [len(n) + 1 for n in names])
+    lines = ["after task".ljust(width) + "".join(n.rjust(width) for n in names)
+             + "growth".rjust(9) + "time s".rjust(9)]
+    for i, name in enumerate(names):
+        row = result["matrix"][i]
+        cells = "".join(f"{a:.2f}".rjust(width) for a in row) + " " * width * (len(names) - len(row))
+        seconds = sum(result["times"].get(name, {}).values())
+        lines.append(name.ljust(width) + cells + f"{result['growth'][name]:.4f}".rjust(9)
+                     + f"{seconds:.0f}".rjust(9))
+    lines.append(f"ACC {result['acc']:.2f}   BWT {result['bwt']:+.2f}   forgetting "
+                 f"{result['forgetting']:.2f}   total growth {result['total_growth']:.4f} "
+                 f"(budget {result['budget']} per task)")
+    return "\n".join(lines)
+
+
+def write_outputs(trainer: "ContinualTrainer", result: dict[str, Any]) -> None:
+    out = trainer.output_dir
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    names = result["tasks"]
+    with open(out / "accuracy_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["after_task"] + names)
+        for name, row in zip(names, result["matrix"]):
+            writer.writerow([name] + [f"{a:.4f}" for a in row] + [""] * (len(names) - len(row)))
+    with open(out / "tasks.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        phases = ["estimate", "train", "prune", "evaluate", "save"]
+        writer.writerow(["task", "classes", "final_accuracy", "growth", "stored_params",
+                         "low_rank_params", "head_params"] + [f"{p}_s" for p in phases])
+        for i, name in enumerate(names):
+            p = result["params"][name]
+            times = result["times"].get(name, {})
+            writer.writerow([name, " ".join(map(str, result["classes"].get(name, []))),
+                             f"{result['matrix'][-1][i]:.4f}", f"{p['growth']:.6f}",
+                             p["stored_params"], p["low_rank_params"], p["head_params"]]
+                            + [f"{times.get(ph, 0.0):.3f}" for ph in phases])
+    layers = list(dict.fromkeys(layer for ranks in result["ranks"].values() for layer in ranks))
+    with open(out / "ranks.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer"] + names)
+        for layer in layers:
+            writer.writerow([layer] + [result["ranks"][n].get(layer, 0) for n in names])
+    write_plots(out, result, layers)
+    trainer.log("\n" + format_table(result))
+    trainer.log(f"results in {out}: metrics.json, accuracy_matrix.csv, tasks.csv, ranks.csv, "
+                "accuracy_matrix.png, ranks.png, growth.png, adapters/")
+
+
+def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> None:
+    """accuracy_matrix.png (heatmap), ranks.png (layer x task), growth.png (per task and
+    cumulative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = result["tasks"]
+    t = len(names)
+    grid = np.full((t, t), np.nan)
+    for i, row in enumerate(result["matrix"]):
+        grid[i, :len(row)] = row
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * t, 1.0 + 0.6 * t))
+    image = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=100)
+    for i in range(t):
+        for j in range(i + 1):
+            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if grid[i, j] < np.nanmean(grid) else "black")
+    ax.set_xticks(range(t), names, rotation=45, ha="right")
+    ax.set_yticks(range(t), names)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after learning")
+    ax.set_title(f"Accuracy (%)  ACC {result['acc']:.2f}  BWT {result['bwt']:+.2f}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_matrix.png", dpi=120)
+    plt.close(fig)
+
+    ranks = np.array([[result["ranks"][n].get(layer, 0) for n in names] for layer in layers])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * t, 1.5 + 0.18 * max(len(layers), 1)))
+    image = ax.imshow(ranks if len(layers) else np.zeros((1, t)), aspect="auto", cmap="magma")
+    ax.set_xticks(range(t), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    ax.set_title("Rank per layer and task")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "ranks.png", dpi=120)
+    plt.close(fig)
+
+    growth = [result["growth"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * t, 3.2))
+    ax.bar(range(t), growth, label="per task")
+    ax.plot(range(t), np.cumsum(growth), "o-", color="C1", label="cumulative")
+    ax.axhline(result["budget"], color="C3", linestyle="--", label="budget per task")
+    ax.set_xticks(range(t), names, rotation=45, ha="right")
+    ax.set_ylabel("parameters / backbone")
+    ax.set_title("Growth over tasks")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "growth.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,308 @@
+"""`ContinualTrainer`: learn a sequence of tasks with HALRP through Accelerate.
+
+For each task: add_task, estimate_ranks (on the main process, then broadcast), train with the
+regularisation, end_task (prune), evaluate every task seen so far, save that task's adapter,
+write the metrics. Each task re-prepares the model with the accelerator (the trainable
+parameters change from task to task), saves on the main process only, evaluates with
+`gather_for_metrics`, and keeps the global batch size whatever the number of processes.
+
+A run writes into `output_dir`: `adapters/` (the shelf of tasks), `metrics.json`,
+`accuracy_matrix.csv`, `tasks.csv`, `ranks.csv`, PNG plots, and `trainer_state.json`, from
+which the same command resumes after the last finished task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list
+from torch.utils.data import DataLoader
+
+from .losses import LossFn, default_loss, logits_of, move_to
+from .model import HalrpModel
+from .serialization import _live_task_tensors
+from .task_splits import TaskData
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """How each task is trained. Defaults: the reference's PMNIST script (Adam 1e-3, batch 128)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 128  # global: split over the processes
+    eval_batch_size: int = 256
+    lr_decay: Optional[float] = None  # per-step multiplier (the reference's gamma); None: none
+    trial_epochs: Optional[int] = None  # None: the HalrpConfig's
+    trial_steps: Optional[int] = None
+    seed: int = 0
+    num_workers: int = 0
+    grad_clip: Optional[float] = None
+    save_adapters: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
+            raise ValueError(f"`lr_decay` must be in (0, 1], got {self.lr_decay}.")
+
+
+@dataclass
+class RunState:
+    """What a run has done so far; written after every task, read to resume."""
+
+    finished: list[str] = field(default_factory=list)
+    matrix: list[list[float]] = field(default_factory=list)
+    times: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> "RunState":
+        data = json.loads(path.read_text())
+        return cls(finished=list(data["finished"]), matrix=[list(r) for r in data["matrix"]],
+                   times=dict(data["times"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class ContinualTrainer:
+    """Runs a task sequence on a HALRP handle with an `accelerate.Accelerator`.
+
+    Example:
+        >>> import torch, halrp_adapt                                   # doctest: +ELLIPSIS
+        >>> from halrp_adapt.trainer import ContinualTrainer, TrainConfig
+        >>> from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
+        >>> train, test = embedded_fashion_mnist()
+        >>> to_tensor = lambda im: torch.tensor(list(im.convert("L").getdata()),
+        ...                                     dtype=torch.float32).view(1, 28, 28) / 255
+        >>> tasks = split_into_tasks(train, test, 5, to_tensor)[:2]
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> cl = halrp_adapt.attach(net, budget=0.5)
+        >>> trainer = ContinualTrainer(cl, tasks, TrainConfig(epochs=1, batch_size=64),
+        ...                            output_dir=None, progress=False, log=lambda *a: None)
+        >>> result = trainer.run()
+        >>> len(result["matrix"]), result["bwt"]
+        (2, 0.0)
+    """
+
+    def __init__(self, handle: HalrpModel, tasks: Sequence[TaskData], config: TrainConfig,
+                 accelerator: Optional[Accelerator] = None, output_dir: Optional[str] = None,
+                 loss_fn: Optional[LossFn] = None, progress: bool = True,
+                 log: Optional[Callable[..., None]] = None) -> None:
+        if not isinstance(handle, HalrpModel):
+            raise TypeError(f"`handle` must come from halrp_adapt.attach, got "
+                            f"{type(handle).__name__}.")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"`tasks` must be a non-empty sequence with distinct names, got "
+                             f"{names}.")
+        self.handle, self.tasks, self.config = handle, list(tasks), config
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        n = self.accelerator.num_processes
+        if config.batch_size % n:
+            raise ValueError(f"`batch_size` {config.batch_size} (global) must be divisible by "
+                             f"the {n} processes.")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.loss_fn = loss_fn or default_loss
+        self.progress = progress and self.accelerator.is_local_main_process
+        self._log = log or print
+        self.state = RunState()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            self._log(message)
+
+    def _loader(self, dataset: Any, train: bool, seed: int) -> DataLoader:
+        per_process = (self.config.batch_size if train else self.config.eval_batch_size)
+        if train:
+            per_process //= self.accelerator.num_processes
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=per_process, shuffle=train, generator=generator,
+                          num_workers=self.config.num_workers, drop_last=False)
+
+    @property
+    def adapters_dir(self) -> Optional[Path]:
+        return None if self.output_dir is None else self.output_dir / "adapters"
+
+    # ---- resume ------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        if self.output_dir is None or not (self.output_dir / STATE_NAME).exists():
+            return
+        state = RunState.read(self.output_dir / STATE_NAME)
+        expected = [t.name for t in self.tasks[:len(state.finished)]]
+        if state.finished != expected:
+            raise ValueError(f"{self.output_dir} holds a run of tasks {state.finished}, not a "
+                             f"prefix of this run's {[t.name for t in self.tasks]}; use a new "
+                             "`output_dir`.")
+        if state.finished:
+            from .loading import load
+
+            if self.handle.tasks:
+                raise ValueError("resuming needs a handle without tasks: the finished tasks "
+                                 f"come from {self.adapters_dir}.")
+            # Load onto the plain backbone, so that a backbone trained by the first task
+            # (train_base) comes back from the shelf too.
+            self.handle = load(self.handle.unload(), self.adapters_dir, tasks=state.finished)
+            self.handle.set_task(None)
+        self.state = state
+        self.log(f"resuming after {len(state.finished)} finished task(s): {state.finished}")
+
+    # ---- one task ----------------------------------------------------------------------------
+    def _estimate(self, task: TaskData, seed: int) -> None:
+        """Rank estimation on the main process, then every process takes its result, so that
+        all processes hold the very same ranks and initial factors."""
+        acc, handle, name = self.accelerator, self.handle, task.name
+        ranks: list[Any] = [None]
+        if acc.is_main_process:
+            loader = self._loader(task.train, train=True, seed=seed)
+            fisher = self._loader(task.val, train=False, seed=seed) if task.val else None
+            # the whole global batch on one process, as in a single-process run
+            loader = DataLoader(loader.dataset, batch_size=self.config.batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(seed),
+                                num_workers=self.config.num_workers)
+            ranks = [handle.estimate_ranks(loader, loss_fn=self.loss_fn, fisher_data=fisher,
+                                           epochs=self.config.trial_epochs,
+                                           steps=self.config.trial_steps)]
+        if acc.num_processes == 1:
+            return
+        ranks = broadcast_object_list(ranks, from_process=0)
+        if not acc.is_main_process:
+            for layer_name, layer in handle.adapter_layers().items():
+                layer.set_scales(name, torch.ones(layer.out_features),
+                                 torch.ones(layer.in_features))
+                k = ranks[0].get(layer_name, 0)
+                if k:
+                    layer.set_low_rank(name, torch.zeros(k, layer.in_features),
+                                       torch.zeros(layer.out_features, k))
+            handle._make_trainable(name)
+        for tensor in _live_task_tensors(handle, name).values():
+            tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
+
+    def _train(self, task: TaskData, seed: int) -> None:
+        acc, cfg, handle = self.accelerator, self.config, self.handle
+        optimizer = torch.optim.Adam(handle.trainable_parameters(), lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay or 1.0)
+        loader = self._loader(task.train, train=True, seed=seed)
+        model, optimizer, loader, scheduler = acc.prepare(handle, optimizer, loader, scheduler)
+        model.train()
+        from tqdm.auto import tqdm
+
+        for epoch in range(cfg.epochs):
+            bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not self.progress, leave=False)
+            for batch in bar:
+                loss = self.loss_fn(model, batch) + handle.regularization_loss()
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                if cfg.grad_clip is not None:
+                    acc.clip_grad_norm_(handle.trainable_parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        acc.free_memory()  # drop the prepared wrappers: the next task prepares afresh
+
+    @torch.no_grad()
+    def evaluate(self, task: TaskData) -> float:
+        """Top-1 accuracy (%) of `task` through its own adapters, over all processes."""
+        acc, handle = self.accelerator, self.handle
+        loader = acc.prepare(self._loader(task.test, train=False, seed=0))
+        handle.eval()
+        correct = total = 0
+        with handle.task(task.name):
+            for batch in loader:
+                inputs, labels = self._split(batch)
+                logits = logits_of(handle(**inputs) if isinstance(inputs, dict) else
+                                   handle(inputs))
+                predictions, labels = acc.gather_for_metrics((logits.argmax(-1), labels))
+                correct += int((predictions == labels).sum())
+                total += labels.numel()
+        acc.free_memory()
+        return 100.0 * correct / max(total, 1)
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        device = self.accelerator.device
+        if isinstance(batch, dict):
+            batch = move_to(batch, device)
+            labels = batch.get("labels", batch.get("label"))
+            return {k: v for k, v in batch.items() if k not in ("labels", "label")}, labels
+        return move_to(batch[0], device), move_to(batch[1], device)
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Learn every task not yet finished; return the metrics (also written to disk)."""
+        from .reporting import summarize, write_outputs
+
+        self._resume()
+        for t, task in enumerate(self.tasks):
+            if task.name in self.state.finished:
+                continue
+            seed = self.config.seed + 1000 * t
+            seed_everything(seed)
+            times: dict[str, float] = {}
+            start = time.perf_counter()
+            self.handle.add_task(task.name, num_classes=task.num_classes)
+            if not self.handle._tasks[task.name].trains_base:
+                self._estimate(task, seed)
+                times["estimate"] = time.perf_counter() - start
+                ranks = self.handle.report().tasks[task.name].ranks
+                self.log(f"[{task.name}] ranks estimated in {times['estimate']:.1f}s: mean "
+                         f"{sum(ranks.values()) / max(len(ranks), 1):.1f} over {len(ranks)} "
+                         "layers")
+            mark = time.perf_counter()
+            self._train(task, seed)
+            times["train"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            stats = self.handle.end_task()
+            times["prune"] = time.perf_counter() - mark
+            self.log(f"[{task.name}] trained in {times['train']:.1f}s, pruned to growth "
+                     f"{stats.growth:.4f} (budget {self.handle.config.budget})")
+            mark = time.perf_counter()
+            row = [self.evaluate(seen) for seen in self.tasks[:t + 1]]
+            times["evaluate"] = time.perf_counter() - mark
+            self.handle.record_metrics(task.name, accuracy=row[-1])
+            self.log(f"[{task.name}] accuracy {row[-1]:.2f}%; all tasks: "
+                     + " ".join(f"{a:.1f}" for a in row))
+            self.state.matrix.append(row)
+            self.state.finished.append(task.name)
+            self.state.times[task.name] = times
+            self._save(task)
+        result = summarize(self)
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            write_outputs(self, result)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _save(self, task: TaskData) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.output_dir is None or not self.accelerator.is_main_process:
+            return
+        from .storage import atomic_write
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        mark = time.perf_counter()
+        if self.config.save_adapters:
+            self.handle.save_pretrained(self.adapters_dir, tasks=[task.name])
+        self.state.times[task.name]["save"] = time.perf_counter() - mark
+        payload = json.dumps(dataclasses.asdict(self.state), indent=2).encode()
+        atomic_write(self.output_dir / STATE_NAME, lambda f: f.write(payload))

@@ -1,0 +1,102 @@
+"""The continual trainer: outputs, metrics, resume after a kill, two ranks with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from halrp_adapt.metrics import (average_accuracy, backward_transfer, forgetting,
+                                 order_robustness)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "continual_run.py"
+PYTHON = sys.executable
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _result(stdout: str) -> dict:
+    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_metrics_by_hand():
+    matrix = [[90.0], [85.0, 80.0], [70.0, 82.0, 60.0]]
+    assert average_accuracy(matrix) == pytest.approx((70 + 82 + 60) / 3)
+    assert backward_transfer(matrix) == pytest.approx(((70 - 90) + (82 - 80)) / 2)
+    assert forgetting(matrix) == pytest.approx(((90 - 70) + (82 - 82)) / 2)
+    runs = [{"a": 90.0, "b": 70.0}, {"a": 85.0, "b": 72.0}, {"a": 88.0, "b": 71.0}]
+    result = order_robustness(runs)
+    assert result["OPD"] == {"a": 5.0, "b": 2.0}
+    assert result["MOPD"] == 5.0 and result["AOPD"] == 3.5
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    done = subprocess.run([PYTHON, str(SCRIPT), str(out)], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, _result(done.stdout)
+
+
+def test_run_writes_every_output(single_run):
+    out, result = single_run
+    for name in ("metrics.json", "accuracy_matrix.csv", "tasks.csv", "ranks.csv",
+                 "accuracy_matrix.png", "ranks.png", "growth.png", "trainer_state.json",
+                 "adapters/halrp_index.json", "adapters/task2/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    matrix = metrics["matrix"]
+    assert matrix == result["matrix"] and len(matrix) == 3
+    assert metrics["bwt"] == 0.0 and metrics["forgetting"] == 0.0
+    assert all(matrix[i][i] > 75.0 for i in range(3)), matrix  # 2 classes: chance is 50
+    assert set(metrics["times"]["task1"]) == {"estimate", "train", "prune", "evaluate", "save"}
+    assert all(0 < g <= 0.2 for g in metrics["growth"].values())
+    assert (out / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_a_kill_in_the_middle_of_a_task(single_run, tmp_path):
+    _, uninterrupted = single_run
+    out = tmp_path / "run"
+    process = subprocess.Popen([PYTHON, str(SCRIPT), str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=_env())
+    killed = False
+    for line in process.stdout:
+        if line.startswith("[task1] ranks estimated"):  # task0 saved, task1 in training
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    process.wait(timeout=120)
+    assert killed and process.returncode == -signal.SIGKILL
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["finished"] == ["task0"]
+    done = subprocess.run([PYTHON, str(SCRIPT), str(out)], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after 1 finished task(s): ['task0']" in done.stdout
+    assert "[task0] trained" not in done.stdout  # not redone
+    assert _result(done.stdout)["matrix"] == uninterrupted["matrix"]
+
+
+def test_two_gloo_ranks_match_one_process(single_run, tmp_path):
+    _, one = single_run
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(SCRIPT), str(tmp_path)],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = _result(done.stdout)
+    assert two["processes"] == 2
+    for row_one, row_two in zip(one["matrix"], two["matrix"]):
+        for a, b in zip(row_one, row_two):
+            assert abs(a - b) <= 0.5, (one["matrix"], two["matrix"])
