@@ -530,6 +530,10 @@ class HalrpModel(nn.Module):
 
 
 def _add(total: Optional[Tensor], value: Tensor) -> Tensor:
+    # Under FSDP2 the parameters are sharded DTensors outside forward: reduce each term to a
+    # plain scalar (differentiably) so it adds to the loss.
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
     return value if total is None else total + value
 
 

@@ -73,7 +73,8 @@ def check_timm_model(parser: argparse.ArgumentParser, name: str, prefix: str = "
 
 def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskData],
               halrp_options: Optional[dict[str, Any]] = None,
-              loss_fn: Optional[Callable] = None) -> dict[str, Any]:
+              loss_fn: Optional[Callable] = None,
+              epochs_after_trial: bool = False) -> dict[str, Any]:
     """Attach HALRP, run the ContinualTrainer under Accelerate, return the results."""
     from accelerate import Accelerator
 
@@ -86,7 +87,8 @@ def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskDa
                **(halrp_options or {})}
     handle = halrp_adapt.attach(model, config=HalrpConfig.from_options(**options))
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         lr_decay=args.lr_decay, trial_steps=args.trial_steps, seed=args.seed)
+                         lr_decay=args.lr_decay, trial_steps=args.trial_steps, seed=args.seed,
+                         subtract_trial_epochs=epochs_after_trial)
     trainer = ContinualTrainer(handle, tasks, config, accelerator=accelerator,
                                output_dir=args.output_dir, loss_fn=loss_fn,
                                progress=not args.no_progress)

