@@ -157,7 +157,8 @@ class HalrpConfig(PeftConfig):
     @classmethod
     def option_names(cls) -> list[str]:
         """The user-facing options (not PEFT's bookkeeping nor the per-task fields)."""
-        skip = {f.name for f in dataclasses.fields(PeftConfig)} | set(TASK_FIELDS)
+        skip = ({f.name for f in dataclasses.fields(PeftConfig)} | set(TASK_FIELDS)) - \
+            {"base_model_name_or_path"}
         return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
 
     @classmethod

@@ -23,12 +23,14 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 
 
 def resolve_source(path_or_repo_id: str | os.PathLike, tasks: Optional[Sequence[str]],
-                   revision: Optional[str], **hub_kwargs: Any) -> Path:
-    """A local folder holding the index and the requested tasks: the folder itself, or a Hub
-    snapshot with only those files downloaded."""
+                   revision: Optional[str], **hub_kwargs: Any) -> tuple[Path, Path]:
+    """(folder, trusted folder): a local folder holding the index and the requested tasks, and
+    the folder every file must resolve into. A local folder trusts itself only; a Hub snapshot
+    (only the requested tasks' files downloaded) trusts its repo's cache folder, where the
+    snapshot's links point."""
     path = Path(path_or_repo_id)
     if path.is_dir():
-        return path
+        return path, path
     repo_id = str(path_or_repo_id)
     if path.exists() or not REPO_ID.match(repo_id) or ".." in repo_id:
         raise FileNotFoundError(f"`path_or_repo_id` {repo_id!r} is neither a folder of saved "
@@ -42,13 +44,15 @@ def resolve_source(path_or_repo_id: str | os.PathLike, tasks: Optional[Sequence[
     if not (first / INDEX_NAME).is_file():
         raise FileNotFoundError(f"{repo_id} (revision {revision or 'main'}) has no "
                                 f"{INDEX_NAME}: it is not a shelf of HALRP tasks.")
-    index = read_index(first)
+    repo_cache = first.parent.parent
+    index = read_index(first, trusted=repo_cache)
     names = list(index["tasks"]) if tasks is None else list(tasks)
     patterns = [INDEX_NAME] + [f"{t}/*" for t in names if t in index["tasks"]]
     if index.get("base_weights"):
         patterns.append(BASE_NAME)
-    return Path(snapshot_download(repo_id, revision=first.name, allow_patterns=patterns,
-                                  **hub_kwargs))
+    snapshot = Path(snapshot_download(repo_id, revision=first.name, allow_patterns=patterns,
+                                      **hub_kwargs))
+    return snapshot, repo_cache
 
 
 def push_to_hub(handle: "HalrpModel", repo_id: str, tasks: Optional[Sequence[str]] = None,
@@ -87,11 +91,11 @@ def push_to_hub(handle: "HalrpModel", repo_id: str, tasks: Optional[Sequence[str
 
 
 def base_model_id(handle: "HalrpModel") -> Optional[str]:
-    """The backbone's Hub id when it can be told: config, timm's pretrained_cfg, transformers."""
+    """The backbone's Hub id when it is known: the `base_model_name_or_path` option, else a
+    transformers model's `name_or_path`. (timm's `pretrained_cfg` names a Hub id even for
+    random weights, so it is not trusted.)"""
     model = handle.model
-    cfg = getattr(model, "pretrained_cfg", None)
     candidates = [handle.config.base_model_name_or_path,
-                  cfg.get("hf_hub_id") if isinstance(cfg, dict) else None,
                   getattr(getattr(model, "config", None), "_name_or_path", None)]
     for candidate in candidates:
         if isinstance(candidate, str) and REPO_ID.match(candidate):

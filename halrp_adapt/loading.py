@@ -36,22 +36,22 @@ def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
 
     if isinstance(tasks, str):
         tasks = [tasks]
-    root = resolve_source(path_or_repo_id, tasks, revision, **hub_kwargs)
-    index = read_index(root)
+    root, trusted = resolve_source(path_or_repo_id, tasks, revision, **hub_kwargs)
+    index = read_index(root, trusted)
     names = list(index["tasks"]) if tasks is None else list(tasks)
     missing = [t for t in names if t not in index["tasks"]]
     if missing:
         raise ValueError(f"tasks {missing} are not in {path_or_repo_id}; it holds "
                          f"{index['tasks']}.")
-    configs = {t: read_task_config(root, t) for t in names}
-    tensors = {t: read_tensors(root / t / WEIGHTS_NAME, root) for t in names}
+    configs = {t: read_task_config(root, t, trusted) for t in names}
+    tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
 
     handle = HalrpModel.of(model)
     created = handle is None
     previous_base: dict[str, Any] = {}
     if created:
         options = HalrpConfig.from_options(**index["options"])
-        base = read_tensors(root / BASE_NAME, root) if index.get("base_weights") else None
+        base = read_tensors(root / BASE_NAME, trusted) if index.get("base_weights") else None
         _check_backbone(model, options, index, base)
         if base is not None:
             previous_base = {k: v.detach().clone() for k, v in model.state_dict().items()

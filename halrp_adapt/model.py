@@ -187,7 +187,8 @@ class HalrpModel(nn.Module):
         if head is not None:
             head.add_task(name, num_classes)
         config = dataclasses.replace(self.config, num_classes=num_classes,
-                                     trains_base=trains_base, inference_mode=False)
+                                     trains_base=trains_base, inference_mode=False,
+                                     rank_pattern={}, sparse_pattern={}, metrics={})
         self._tasks[name] = TaskInfo(name, config)
         self._make_trainable(name)
         self.set_task(name)

@@ -184,10 +184,11 @@ def _read_json(path: Path, what: str, limit: int = 16 << 20) -> dict[str, Any]:
     return data
 
 
-def read_index(root: Path) -> dict[str, Any]:
-    """The shelf's index, checked field by field."""
+def read_index(root: Path, trusted: Optional[Path] = None) -> dict[str, Any]:
+    """The shelf's index, checked field by field. Files must resolve inside `trusted`
+    (default `root`; a Hub snapshot's files are links into its repo's cache folder)."""
     path = root / INDEX_NAME
-    _check_inside(root, path)
+    _check_inside(trusted or root, path)
     index = _read_json(path, "the shelf index")
     if index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: `format_version` {index.get('format_version')!r} is not "
@@ -215,10 +216,10 @@ def read_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def read_task_config(root: Path, task: str) -> HalrpConfig:
+def read_task_config(root: Path, task: str, trusted: Optional[Path] = None) -> HalrpConfig:
     """A task's adapter_config.json as a HalrpConfig; unknown fields and wrong types refused."""
     path = root / task / CONFIG_NAME
-    _check_inside(root, path)
+    _check_inside(trusted or root, path)
     data = _read_json(path, f"the config of task {task!r}")
     if data.get("peft_type") != "HALRP":
         raise ValueError(f"{path}: `peft_type` must be 'HALRP', got {data.get('peft_type')!r}.")
@@ -250,9 +251,9 @@ def _check_task_field_types(path: Path, data: dict[str, Any]) -> None:
         raise ValueError(f"{path}: `num_classes` must be null or an int >= 1, got {classes!r}.")
 
 
-def read_tensors(path: Path, root: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, trusted: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (never a pickle); a broken file is a ValueError."""
-    _check_inside(root, path)
+    _check_inside(trusted, path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}.")
     try:

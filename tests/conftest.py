@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
-import torch
-from torch import nn
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_hub import FakeHub  # noqa: E402
+
+# huggingface_hub reads these when it is imported, which happens below (through torch users
+# such as timm and transformers): point it at the tests' own loopback Hub, offline otherwise.
+HUB_PORT = FakeHub.pick_free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The loopback Hub at HF_ENDPOINT, for the tests that upload and download."""
+    with FakeHub(HUB_PORT) as server:
+        yield server
+
+
+@pytest.fixture
+def online(hub, monkeypatch, tmp_path):
+    """huggingface_hub allowed to reach the loopback Hub, with a fresh cache."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert constants.ENDPOINT == hub.url, "huggingface_hub was imported before the conftest"
+    return hub
 
 
 def tiny_cnn(num_classes: int = 5, seed: int = 0) -> nn.Sequential:

@@ -76,11 +76,13 @@ def test_round_trip_of_a_subset_of_tasks(case, tmp_path):
 def test_layout_index_and_peft_naming(tmp_path):
     cl = halrp_adapt.attach(_vit(), budget=0.05)
     learn_pruned_task(cl, "t1", _image_data(0), num_classes=3)
+    learn_pruned_task(cl, "t2", _image_data(1), num_classes=3)
     cl.record_metrics("t1", accuracy=87.5)
     cl.save_pretrained(tmp_path)
     assert sorted(p.name for p in (tmp_path / "t1").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert index["tasks"] == ["t1"] and index["backbone"]["params"] == cl.backbone_params
+    assert index["tasks"] == ["t1", "t2"] and index["backbone"]["params"] == cl.backbone_params
+    assert index["task_info"]["t2"]["metrics"] == {}  # each task keeps its own figures
     assert index["backbone"]["class"].endswith("VisionTransformer")
     assert index["task_info"]["t1"]["metrics"] == {"accuracy": 87.5}
     config = json.loads((tmp_path / "t1" / CONFIG_NAME).read_text())
@@ -295,3 +297,10 @@ def test_crash_during_save_keeps_earlier_tasks(shelf, monkeypatch):
     assert not [p for p in shelf.rglob("*.tmp")], "temporary files left behind"
     loaded = halrp_adapt.load(tiny_cnn(), shelf)
     assert loaded.tasks == ["a", "b"]
+
+
+def test_symlink_pointing_outside_the_shelf(shelf, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (shelf / "b" / WEIGHTS_NAME).rename(outside / WEIGHTS_NAME)
+    (shelf / "b" / WEIGHTS_NAME).symlink_to(outside / WEIGHTS_NAME)
+    _load_fails(shelf, "points outside .* refusing to use it")
