@@ -145,3 +145,54 @@ def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> Non
     fig.tight_layout()
     fig.savefig(out / "growth.png", dpi=120)
     plt.close(fig)
+
+
+def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """OPD / MOPD / AOPD over runs of the same tasks in different orders.
+
+    A task's identity is its set of classes, so the same task is matched across orders
+    whatever its position. Reads each run's metrics.json; writes order_robustness.json and
+    order_robustness.csv into `out_dir`.
+    """
+    from .metrics import order_robustness
+
+    finals = []
+    for run in run_dirs:
+        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        final = metrics["matrix"][-1]
+        finals.append({"-".join(map(str, sorted(metrics["classes"][name]))): final[i]
+                       for i, name in enumerate(metrics["tasks"])})
+    result = {"runs": [str(r) for r in run_dirs], **order_robustness(finals)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "order_robustness.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "order_robustness.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task_classes"] + [f"order{i}" for i in range(len(finals))] + ["OPD"])
+        for identity, opd in result["OPD"].items():
+            writer.writerow([identity] + [f"{run[identity]:.4f}" for run in finals]
+                            + [f"{opd:.4f}"])
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m halrp_adapt.reporting RUN_DIR RUN_DIR ... --out DIR`: order robustness."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="OPD / MOPD / AOPD over runs of the same "
+                                                 "tasks in different --class-order s.")
+    parser.add_argument("runs", nargs="+", help="output folders of finished runs")
+    parser.add_argument("--out", required=True, help="folder for order_robustness.json/.csv")
+    args = parser.parse_args(argv)
+    missing = [r for r in args.runs if not (Path(r) / "metrics.json").is_file()]
+    if missing:
+        parser.error(f"runs without metrics.json: {missing}")
+    try:
+        result = order_report(args.runs, args.out)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"MOPD {result['MOPD']:.2f}  AOPD {result['AOPD']:.2f}  over {len(args.runs)} orders")
+
+
+if __name__ == "__main__":
+    main()

@@ -116,3 +116,43 @@ def test_two_ranks_never_change_a_finished_task_with_batchnorm(tmp_path):
         assert {row[j] for row in matrix[j:]} == {matrix[j][j]}, matrix
     rank0, rank1 = result["digests"]
     assert rank0 == rank1, "the ranks hold different copies of a finished task"
+
+
+def test_order_report_matches_tasks_by_their_classes(tmp_path):
+    from halrp_adapt.reporting import main as order_main
+
+    runs = []
+    for i, (order, finals) in enumerate([([[0, 1], [2, 3]], [90.0, 70.0]),
+                                         ([[2, 3], [0, 1]], [74.0, 88.0])]):
+        run = tmp_path / f"order{i}"
+        run.mkdir()
+        names = ["task0", "task1"]
+        (run / "metrics.json").write_text(json.dumps({
+            "tasks": names, "classes": dict(zip(names, order)),
+            "matrix": [[finals[0]], finals]}))
+        runs.append(str(run))
+    order_main(runs + ["--out", str(tmp_path / "orders")])
+    result = json.loads((tmp_path / "orders" / "order_robustness.json").read_text())
+    assert result["OPD"] == {"0-1": 2.0, "2-3": 4.0}  # 90 vs 88, 70 vs 74
+    assert result["MOPD"] == 4.0 and result["AOPD"] == 3.0
+    assert (tmp_path / "orders" / "order_robustness.csv").read_text().startswith("task_classes")
+
+
+def test_imagefolder_dataset_splits_into_tasks(tmp_path):
+    from PIL import Image
+
+    from halrp_adapt.task_splits import load_image_dataset, split_into_tasks
+
+    for split, count in (("train", 3), ("test", 2)):
+        for label in ("cat", "dog", "emu", "fox"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (6, 6), (i * 50, 10, 10)).save(folder / f"{i}.png")
+    train, test = load_image_dataset(str(tmp_path))
+    tasks = split_into_tasks(train, test, 2, transform=lambda im: im.size, seed=1)
+    assert [len(t.train) for t in tasks] == [6, 6] and [len(t.test) for t in tasks] == [4, 4]
+    assert sorted(c for t in tasks for c in t.classes) == [0, 1, 2, 3]
+    assert {t.class_names[0] for t in tasks} <= {"cat", "dog", "emu", "fox"}
+    image_size, label = tasks[0].train[0]
+    assert image_size == (6, 6) and label in (0, 1)
