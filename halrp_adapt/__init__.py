@@ -60,7 +60,8 @@ def attach(model: nn.Module, budget: float = 0.05, *, config: Optional[HalrpConf
 
 
 __all__ = [
-    "attach", "load", "HalrpConfig", "HalrpType", "HalrpTuner", "HalrpModel", "HalrpReport", "TaskStats", "HalrpLayer",
+    "attach", "load", "HalrpConfig", "HalrpType", "HalrpTuner", "HalrpModel", "HalrpReport",
+    "TaskStats", "HalrpLayer",
     "HalrpLinear", "HalrpConv2d", "HalrpConv1D", "register_layer_type", "register_norm_type",
     "supported_layer_types", "default_loss", "__version__",
 ]

@@ -117,7 +117,8 @@ def task_stats(task: str, layers: dict[str, HalrpLayer], norms: list[TaskNorm],
             stats.low_rank_dense += rank * (layer.out_features + layer.in_features)
             for which in ("A", "B"):
                 dense = getattr(layer, f"halrp_{which}")
-                held = dense[task] if task in dense else getattr(layer, f"halrp_{which}_values")[task]
+                values = getattr(layer, f"halrp_{which}_values")
+                held = dense[task] if task in dense else values[task]
                 stats.low_rank_params += int(torch.count_nonzero(held))
         if layer.supports_low_rank:
             stats.ranks[name] = layer.rank(task)

@@ -61,7 +61,7 @@ def explained_ranks(layers: list[LayerSpectrum], explained: float,
 
 def budget_ranks(layers: list[LayerSpectrum], caps: dict[str, int],
                  budget_params: float) -> dict[str, int]:
-    """Cut `caps` down to fit `budget_params` low-rank parameters, best score per parameter first."""
+    """Cut `caps` down to `budget_params` low-rank parameters, best score per parameter first."""
     if sum(caps[l.name] * l.rank_cost for l in layers) <= budget_params:
         return dict(caps)
     ranks = {l.name: 0 for l in layers}

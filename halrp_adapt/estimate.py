@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -27,6 +28,7 @@ class EstimateResult:
     fisher: dict[str, float]
     singular_values: dict[str, torch.Tensor] = field(repr=False)
     trial_steps: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # trial, fisher, decompose, allocate
 
 
 def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int) -> str:
@@ -57,6 +59,15 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
     loss_fn = loss_fn or default_loss
     layers = handle.adapter_layers()
 
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = now - clock
+        clock = now
+
     # 1. Trial fine-tune of a plain copy of the task's model, every weight free.
     trial = handle.merge(task)
     taken = trial_finetune(trial, data, loss_fn,
@@ -64,11 +75,13 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
                            steps=cfg.trial_steps if steps is None else steps,
                            lr=cfg.trial_lr if lr is None else lr)
     trial_modules = dict(trial.named_modules())
+    lap("trial")
 
     # 2. Empirical Fisher of each low-rank-capable layer, at the trial's weights.
     low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
     fisher = empirical_fisher(trial, fisher_data if fisher_data is not None else data,
                               {n: trial_modules[n].weight for n in low_rank}, loss_fn)
+    lap("fisher")
 
     # 3-4. Scales by least squares, residual, SVD.
     spectra, described = {}, []
@@ -88,6 +101,7 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
                                            layer.out_features, layer.in_features))
         _adopt_trial_state(handle, task, trial_modules)
     del trial, trial_modules
+    lap("decompose")
 
     # 5-6. Global choice by explained share, then fitted to the budget up front.
     caps = explained_ranks(described, cfg.explained, cfg.upper_rank)
@@ -101,6 +115,7 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
         if rank > 0:
             A, B = factors_from_svd(spectra[name], rank)
             layers[name].set_low_rank(task, A, B)
+    lap("allocate")
     return EstimateResult(ranks=ranks, explained_ranks=caps, fisher=fisher,
                           singular_values={n: s.S for n, s in spectra.items()},
-                          trial_steps=taken)
+                          trial_steps=taken, seconds=seconds)

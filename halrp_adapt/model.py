@@ -250,7 +250,8 @@ class HalrpModel(nn.Module):
         if config.norm_modules is not None and sorted(config.norm_modules) != \
                 sorted(self.task_norms()):
             raise ValueError("the task was saved with per-task norms in other layers: "
-                             f"{sorted(config.norm_modules)[:5]} vs {sorted(self.task_norms())[:5]}.")
+                             f"{sorted(config.norm_modules)[:5]} vs "
+                             f"{sorted(self.task_norms())[:5]}.")
         if config.num_classes is not None and self.task_head() is None:
             raise ValueError("the task has its own head of "
                              f"{config.num_classes} classes but this model has no per-task head.")

@@ -18,6 +18,13 @@ from .config import HalrpConfig
 from .task_splits import TaskData
 
 
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the recipe docstring's first line, the rest its epilog."""
+    lines = doc.strip().splitlines()
+    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_training_args(parser: argparse.ArgumentParser, *, epochs: Optional[int], batch_size: int,
                       lr: float, budget: float, output_dir: str) -> None:
     group = parser.add_argument_group("training")

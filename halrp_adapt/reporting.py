@@ -47,7 +47,8 @@ def format_table(result: dict[str, Any]) -> str:
              + "growth".rjust(9) + "time s".rjust(9)]
     for i, name in enumerate(names):
         row = result["matrix"][i]
-        cells = "".join(f"{a:.2f}".rjust(width) for a in row) + " " * width * (len(names) - len(row))
+        cells = "".join(f"{a:.2f}".rjust(width) for a in row)
+        cells += " " * width * (len(names) - len(row))
         seconds = sum(result["times"].get(name, {}).values())
         lines.append(name.ljust(width) + cells + f"{result['growth'][name]:.4f}".rjust(9)
                      + f"{seconds:.0f}".rjust(9))

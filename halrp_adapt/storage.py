@@ -79,8 +79,6 @@ def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
 
     Other tasks' folders are never touched; the index keeps every task it listed.
     """
-    from .model import HalrpModel  # noqa: F401  (type only)
-
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     names = _tasks_to_save(handle, tasks)

@@ -10,20 +10,18 @@ over the frozen pretrained backbone (depthwise convs get per-channel scales only
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from timm.data import create_transform
 
-from halrp_adapt.recipes import add_training_args, check_training_args, run_tasks
+from halrp_adapt.recipes import (add_training_args, check_training_args, recipe_parser,
+                                 run_tasks)
 from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
 from halrp_adapt.zoo import efficientnet_lite0_imagenet
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = recipe_parser(__doc__)
     parser.add_argument("--data", choices=["embedded", "full"], default="embedded",
                         help="embedded subset or Debian's full Fashion-MNIST")
     parser.add_argument("--num-tasks", type=int, default=5)

@@ -14,7 +14,6 @@ Data: MNIST when `ylecun/mnist` is in the Hugging Face cache, else the full Fash
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import numpy as np
 
 from halrp_adapt.fashion_mnist import DEBIAN_DIR, load_fashion_mnist
 from halrp_adapt.permuted_tasks import permuted_tasks
-from halrp_adapt.recipes import add_training_args, check_training_args, run_tasks
+from halrp_adapt.recipes import (add_training_args, check_training_args, recipe_parser,
+                                 run_tasks)
 from halrp_adapt.zoo import lenet
 
 MNIST = "ylecun/mnist"
@@ -46,9 +46,7 @@ def load_arrays(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = recipe_parser(__doc__)
     parser.add_argument("--dataset", default="auto",
                         choices=["auto", "mnist", "fashion-mnist-full", "fashion-mnist"])
     parser.add_argument("--num-tasks", type=int, default=10)

@@ -13,7 +13,6 @@ does without pretrained weights. Rerun the same command to resume an interrupted
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import timm
 from timm.data import create_transform, resolve_data_config
 
 from halrp_adapt.recipes import (add_training_args, check_timm_model, check_training_args,
-                                 run_tasks)
+                                 recipe_parser, run_tasks)
 from halrp_adapt.task_splits import (embedded_fashion_mnist, load_image_dataset,
                                      split_into_tasks)
 
@@ -35,9 +34,7 @@ def imagenet_cached() -> bool:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = recipe_parser(__doc__)
     parser.add_argument("--dataset", default="auto",
                         help="a Hub dataset id, a local imagefolder, 'fashion-mnist' "
                              "(embedded; 'fashion-mnist-full' for Debian's full set), or "

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fake_hub import FakeHub  # noqa: E402
+from hub_server import FakeHub  # noqa: E402
 
 # huggingface_hub reads these when it is imported, which happens below (through torch users
 # such as timm and transformers): point it at the tests' own loopback Hub, offline otherwise.
@@ -64,8 +64,8 @@ def _tiny_cnn(num_classes: int) -> nn.Sequential:
 def batches(n: int = 4, size: int = 8, shape=(3, 8, 8), classes: int = 3,
             seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, *shape, generator=g), torch.randint(0, classes, (size,), generator=g))
-            for _ in range(n)]
+    return [(torch.randn(size, *shape, generator=g),
+             torch.randint(0, classes, (size,), generator=g)) for _ in range(n)]
 
 
 def train_steps(cl, data, steps: int = 2, lr: float = 1e-2, loss_fn=None) -> None:
@@ -92,8 +92,8 @@ def learn_task(cl, name: str, data, num_classes=None, loss_fn=None, steps: int =
 
 def learn_pruned_task(cl, name: str, data, num_classes=None, loss_fn=None) -> None:
     """Like `learn_task`, but each layer's factors are replaced by random ones of three times
-    the rank (at least half the full rank) before training, so the task's dense factors exceed its budget: pruning has real
-    work and the task ends with compact (bit-masked) factors."""
+    the rank (at least half the full rank) before training, so the task's dense factors exceed
+    its budget: pruning has real work and the task ends with compact (bit-masked) factors."""
     cl.add_task(name, num_classes=num_classes)
     cl.estimate_ranks(data, steps=1, loss_fn=loss_fn)
     for layer in cl.adapter_layers().values():

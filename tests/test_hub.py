@@ -32,8 +32,8 @@ def test_push_then_load_one_task_of_three(online):
     x = torch.randn(2, 3, 32, 32)
     expected = outputs_of(cl, x)
     info = cl.push_to_hub("org/three-tasks", commit_message="three tasks")
-    assert info.oid in {sha for sha, _ in hub.repos["org/three-tasks"]}
-    files = hub.repos["org/three-tasks"][-1][1]
+    assert info.oid == hub.commits("org/three-tasks")[-1]
+    files = hub.files("org/three-tasks")
     assert {"README.md", INDEX_NAME, "t1/adapter_model.safetensors",
             "t3/adapter_config.json"} <= set(files)
     card = files["README.md"].decode()
@@ -54,7 +54,7 @@ def test_revision_pins_a_commit_and_pushes_keep_earlier_tasks(online):
     cl = _learned(["a", "b"])
     first = cl.push_to_hub("org/pinned", tasks=["a"]).oid
     cl.push_to_hub("org/pinned", tasks=["b"])
-    head_files = hub.repos["org/pinned"][-1][1]
+    head_files = hub.files("org/pinned")
     assert {"a/adapter_model.safetensors", "b/adapter_model.safetensors"} <= set(head_files)
     assert halrp_adapt.load(_vit(), "org/pinned").tasks == ["a", "b"]
     assert halrp_adapt.load(_vit(), "org/pinned", revision=first).tasks == ["a"]
