@@ -59,6 +59,9 @@ def main() -> None:
     if accelerator.is_main_process:
         print("RESULT " + json.dumps({"matrix": result["matrix"], "digests": every_rank,
                                       "processes": accelerator.num_processes}), flush=True)
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean gloo shutdown on every rank
 
 
 def task_digest(handle, name: str) -> str:
