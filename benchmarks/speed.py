@@ -7,7 +7,8 @@
 - rank estimation without the trial (Fisher pass on a 20% validation split, scale fits, SVDs,
   allocation) over one trial epoch of 40 batches (target <= 0.25x), its growth over
   ViT-Ti / S / B, and one 4096 x 4096 layer's SVD, full vs randomized;
-- peak memory (RSS) of training steps vs LoRA, each in its own process (target <= 1.10x).
+- peak memory (RSS) of training steps vs LoRA, each in its own process, the peak reset after
+  a warm-up step so that it covers training, not model loading (target <= 1.10x).
 
 Times are medians over repeats after warm-up, threads pinned; ratios are what to compare (the
 machine is shared and slow). Writes benchmarks/results/speed.json.
@@ -151,7 +152,7 @@ def study_svd(side: int, rank_cap: int, repeats: int) -> dict:
 
 
 PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {bench!r})
 import speed
 torch.set_num_threads({threads})
@@ -164,9 +165,12 @@ else:
     targets = list(speed.halrp_task(speed.make_model(name, size), rank).adapter_layers())
     model = speed.lora_model(speed.make_model(name, size), rank, targets)
     step = speed.train_step(model, [p for p in model.parameters() if p.requires_grad], x, y)
+step()  # warm-up: optimiser state and autograd buffers exist from here on
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 for _ in range(3):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = open("/proc/self/status").read()
+print(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM")))
 """
 
 

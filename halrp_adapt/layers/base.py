@@ -211,7 +211,23 @@ class HalrpLayer(TaskRouted):
             return self.base_layer(x)
         return self.task_forward(x, task)
 
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The base layer's operation with another weight (in the base layout) and bias."""
+        raise NotImplementedError
+
     def task_forward(self, x: Tensor, task: str) -> Tensor:
+        # Two exact ways to apply W_t: fold r, s and B A into one weight (cost ~ the weight's
+        # size) or keep them on the activations (cost ~ the input's size). Take the cheaper:
+        # convs on images and long token batches fold; tiny batches through big layers don't.
+        if x.numel() >= self.weight.numel():
+            return self.folded_forward(x, task)
+        return self.activation_forward(x, task)
+
+    def folded_forward(self, x: Tensor, task: str) -> Tensor:
+        bias = self.halrp_bias[task] if task in self.halrp_bias else None
+        return self.forward_with_weight(x, self.merged_weight(task), bias)
+
+    def activation_forward(self, x: Tensor, task: str) -> Tensor:
         r = self.halrp_r[task] if task in self.halrp_r else None
         s = self.halrp_s[task] if task in self.halrp_s else None
         y = self.scaled_forward(x, r, s)

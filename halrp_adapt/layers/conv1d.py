@@ -27,6 +27,10 @@ class HalrpConv1D(HalrpLayer):
     def from_canonical(self, weight: Tensor) -> Tensor:
         return weight.squeeze(-1).t().contiguous()
 
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        y = torch.matmul(x, weight)
+        return y if bias is None else y + bias
+
     def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
         y = torch.matmul(x if s is None else x * s, self.weight)
         return y if r is None else y * r

@@ -72,6 +72,12 @@ class HalrpConv2d(HalrpLayer):
         pad = _padder(self.base_layer)
         return super().task_forward(x if pad is None else pad(self.base_layer, x), task)
 
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        conv = self.base_layer
+        if _padder(conv) is not None:  # x is already padded
+            return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+        return conv._conv_forward(x, weight, bias)
+
     def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
         # Scaling input channels commutes with zero, reflect, replicate and circular padding.
         conv = self.base_layer

@@ -35,6 +35,9 @@ class HalrpLinear(HalrpLayer):
     def from_canonical(self, weight: Tensor) -> Tensor:
         return weight.squeeze(-1)
 
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
     def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
         y = F.linear(x if s is None else x * s, self.weight)
         return y if r is None else y * r
