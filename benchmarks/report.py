@@ -86,12 +86,14 @@ def speed(data: dict) -> list[str]:
                      f"{s['train_step_s']['halrp'] * 1e3:.0f} ms |")
     lines += ["", "Rank estimation without the trial, over one trial epoch:", "",
               "| backbone | parameters | trial s | Fisher s | scales + SVD s | allocation s | "
-              "(Fisher + SVD + allocation) / trial |", "|---|---|---|---|---|---|---|"]
+              "(Fisher + SVD + allocation) / trial | same, randomized SVD |",
+              "|---|---|---|---|---|---|---|---|"]
     for e in data["estimation"]:
         sec = e["seconds"]
         lines.append(f"| {e['model']} | {e['backbone_params']:,} | {sec['trial']:.2f} | "
                      f"{sec['fisher']:.2f} | {sec['decompose']:.2f} | {sec['allocate']:.3f} | "
-                     f"{e['estimation_over_trial']:.3f} |")
+                     f"{e['estimation_over_trial']:.3f} | "
+                     f"{e.get('estimation_over_trial_randomized_svd', float('nan')):.3f} |")
     svd = data["svd"]
     lines += ["", f"One {svd['side']} x {svd['side']} layer: full SVD {svd['full_s']:.2f} s, "
               f"randomized (rank cap {svd['rank_cap']}) {svd['randomized_s']:.2f} s, "

@@ -129,15 +129,19 @@ def study_estimation(name: str, size: int, batch: int, batches: int) -> dict:
     data = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
             for _ in range(batches)]
     validation = data[:max(1, batches // 5)]
-    cl = halrp_adapt.attach(timm.create_model(name, pretrained=False, img_size=size,
-                                              num_classes=10), budget=0.05)
-    cl.add_task("t", num_classes=10)
-    cl.estimate_ranks(data, fisher_data=validation, epochs=1)
-    seconds = cl._tasks["t"].estimate.seconds
-    without_trial = seconds["fisher"] + seconds["decompose"] + seconds["allocate"]
-    return {"model": name, "image_size": size, "trial_batches": batches,
-            "backbone_params": cl.backbone_params, "seconds": seconds,
-            "estimation_over_trial": without_trial / seconds["trial"]}
+    out = {"model": name, "image_size": size, "trial_batches": batches}
+    for svd in ("auto", "randomized"):
+        torch.manual_seed(0)
+        cl = halrp_adapt.attach(timm.create_model(name, pretrained=False, img_size=size,
+                                                  num_classes=10), budget=0.05, svd=svd)
+        cl.add_task("t", num_classes=10)
+        cl.estimate_ranks(data, fisher_data=validation, epochs=1)
+        seconds = cl._tasks["t"].estimate.seconds
+        without_trial = seconds["fisher"] + seconds["decompose"] + seconds["allocate"]
+        key = "" if svd == "auto" else "_randomized_svd"
+        out.update({"backbone_params": cl.backbone_params, f"seconds{key}": seconds,
+                    f"estimation_over_trial{key}": without_trial / seconds["trial"]})
+    return out
 
 
 def study_svd(side: int, rank_cap: int, repeats: int) -> dict:
@@ -220,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"   (HALRP step {s['train_step_s']['halrp'] * 1e3:.0f} ms)")
     for e in out["estimation"]:
         sec = e["seconds"]
-        print(f"{e['model']:<24} estimation/trial {e['estimation_over_trial']:.3f}   fisher "
-              f"{sec['fisher']:.2f}s decompose {sec['decompose']:.2f}s allocate "
-              f"{sec['allocate']:.3f}s trial {sec['trial']:.2f}s")
+        print(f"{e['model']:<24} estimation/trial {e['estimation_over_trial']:.3f} (randomized "
+              f"SVD {e['estimation_over_trial_randomized_svd']:.3f})   fisher "
+              f"{sec['fisher']:.2f}s decompose {sec['decompose']:.2f}s (randomized "
+              f"{e['seconds_randomized_svd']['decompose']:.2f}s) trial {sec['trial']:.2f}s")
     svd = out["svd"]
     print(f"{svd['side']}x{svd['side']} SVD: full {svd['full_s']:.2f}s, randomized "
           f"{svd['randomized_s']:.2f}s ({svd['speedup']:.1f}x), max sigma error "

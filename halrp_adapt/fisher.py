@@ -19,6 +19,11 @@ def empirical_fisher(model: nn.Module, data: Iterable[Any], weights: dict[str, t
     """
     was_training = model.training
     model.eval()
+    # Only the measured weights need their gradient; the rest only pass gradients through.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    measured = {id(w) for w in weights.values()}
+    for p in flags:
+        p.requires_grad_(id(p) in measured)
     totals = {name: 0.0 for name in weights}
     batches = 0
     try:
@@ -33,6 +38,8 @@ def empirical_fisher(model: nn.Module, data: Iterable[Any], weights: dict[str, t
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
     if batches == 0:
         raise ValueError("the Fisher data yielded no batch.")
     return {name: total / batches for name, total in totals.items()}

@@ -217,11 +217,20 @@ class HalrpLayer(TaskRouted):
 
     def task_forward(self, x: Tensor, task: str) -> Tensor:
         # Two exact ways to apply W_t: fold r, s and B A into one weight (cost ~ the weight's
-        # size) or keep them on the activations (cost ~ the input's size). Take the cheaper:
-        # convs on images and long token batches fold; tiny batches through big layers don't.
-        if x.numel() >= self.weight.numel():
+        # size) or keep them on the activations (cost ~ the input's size). Folding pays at
+        # inference when the input is the larger; in training it would make autograd compute
+        # the gradient of the whole folded weight, a second full-size product per layer.
+        if x.numel() >= self.weight.numel() and not self._needs_grad(task):
             return self.folded_forward(x, task)
         return self.activation_forward(x, task)
+
+    def _needs_grad(self, task: str) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if self.weight.requires_grad:
+            return True
+        return any(d[task].requires_grad for d in (self.halrp_r, self.halrp_s, self.halrp_A,
+                                                   self.halrp_B, self.halrp_bias) if task in d)
 
     def folded_forward(self, x: Tensor, task: str) -> Tensor:
         bias = self.halrp_bias[task] if task in self.halrp_bias else None
