@@ -99,4 +99,10 @@ def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskDa
     trainer = ContinualTrainer(handle, tasks, config, accelerator=accelerator,
                                output_dir=args.output_dir, loss_fn=loss_fn,
                                progress=not args.no_progress)
-    return trainer.run()
+    results = trainer.run()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Leave no process group for interpreter-exit destructors to tear down mid-thread.
+        torch.distributed.destroy_process_group()
+    return results

@@ -21,6 +21,7 @@ import halrp_adapt
 from halrp_adapt.serialization import task_state_dict
 from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
 from halrp_adapt.trainer import ContinualTrainer, TrainConfig
+from clean_exit import finish_distributed
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -59,9 +60,7 @@ def main() -> None:
     if accelerator.is_main_process:
         print("RESULT " + json.dumps({"matrix": result["matrix"], "digests": every_rank,
                                       "processes": accelerator.num_processes}), flush=True)
-    accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean gloo shutdown on every rank
+    finish_distributed()
 
 
 def task_digest(handle, name: str) -> str:

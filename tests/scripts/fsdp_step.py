@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import halrp_adapt
+from clean_exit import finish_distributed
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
             "trainable": sorted(trainable), "still_trainable": sorted(still_trainable),
             "sharded": sorted(sharded), "changed": sorted(changed),
             "loss": float(loss.detach())}), flush=True)
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":
