@@ -12,11 +12,11 @@ same data, epochs, batches and seeds for every method, budget 0.05 per task:
 - seq_ft:     one backbone fine-tuned task after task, one head per task (forgetting bound)
 
 Prints ACC, BWT, parameters per task and wall time per method, with the targets; with
-`--orders K`, repeats over K class orders and reports OPD / MOPD / AOPD per method (study 3).
+`--orders K`, learns the same tasks in K task orders and reports OPD / MOPD / AOPD per method (study 3).
 Writes benchmarks/results/pretrained_methods.json and .png.
 
     python benchmarks/pretrained_methods.py                 # 5 tasks, 2 epochs, 1 order
-    python benchmarks/pretrained_methods.py --orders 5      # study 3: 5 class orders
+    python benchmarks/pretrained_methods.py --orders 5      # study 3: the same 5 tasks in 5 orders
     python benchmarks/pretrained_methods.py --quick         # CI: 2 tasks, few steps
 """
 
@@ -199,13 +199,15 @@ def run_seq_ft(tasks, args, seed) -> dict:
 
 
 def one_order(args, seed: int, order: list[int] | None) -> dict:
+    """Every method over the seeded tasks, learned in `order` (positions; None: as split)."""
     train, test = embedded_fashion_mnist(args.data)
     transform = create_transform(input_size=(3, args.img_size, args.img_size), crop_pct=1.0,
                                  mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
-    tasks = split_into_tasks(train, test, 5, transform, seed=seed, order=order)[:args.tasks]
-    for i, task in enumerate(tasks):
+    tasks = split_into_tasks(train, test, 5, transform, seed=seed)[:args.tasks]
+    for i, task in enumerate(tasks):  # each task keeps its own batches in every order
         task.train_batches = batches(task.train, args.batch_size, seed + i, True, args.limit)
         task.test_batches = batches(task.test, 256, 0, False, None)
+    tasks = [tasks[i] for i in order] if order is not None else tasks
     out = {"classes": {t.name: t.classes for t in tasks}}
     timings = {}
     for method in args.methods:
@@ -237,7 +239,7 @@ def one_order(args, seed: int, order: list[int] | None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--orders", type=int, default=1, help="class orders (study 3 if > 1)")
+    parser.add_argument("--orders", type=int, default=1, help="task orders (study 3 if > 1)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for k in range(args.orders):
         order = None if k == 0 else torch.randperm(
-            10, generator=torch.Generator().manual_seed(100 + k)).tolist()
+            args.tasks, generator=torch.Generator().manual_seed(100 + k)).tolist()
         print(f"order {k}: {order or 'seeded (seed 0)'}", flush=True)
         runs.append(one_order(args, seed=0, order=order))
     summary = {}

@@ -20,9 +20,42 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _targets(targets: dict) -> list[str]:
-    return [f"- {name.replace('_', ' ')}: **{'met' if ok else 'missed'}**"
-            for name, ok in targets.items()]
+# Why a target is missed when it is: the mechanism behind the figure, as measured.
+MISSED_BECAUSE = {
+    "acc_at_least_reference": lambda d: (
+        f"by {d['anchor']['acc'] - d['ours']['acc']:.2f} points in one repeat, less than the "
+        f"spread of the final per-task accuracies ({min(d['ours']['final_accuracy']):.2f} to "
+        f"{max(d['ours']['final_accuracy']):.2f}); one repeat cannot tell the two apart, and "
+        f"ours spends {d['ours']['growth_after_tasks'][-1]:.3f} growth where the reference "
+        f"spends {d['anchor']['growth_after_tasks'][len(d['ours']['growth_after_tasks']) - 1]:.3f}"),
+    "halrp_within_1_point_of_full_ft": lambda d: (
+        f"{d['summary']['full_ft']['acc'][0] - d['summary']['halrp']['acc'][0]:.1f} points "
+        f"below a full copy per task, which trains "
+        f"{d['summary']['full_ft']['params_per_task'] / d['summary']['halrp']['params_per_task']:.0f}x "
+        "HALRP's parameters per task; on 32 px grayscale clothing images, far from ImageNet, two "
+        "epochs of a 5% perturbation do not reach a full fine-tune"),
+    "train_step_at_most_1.15x": lambda d: (
+        "HALRP also trains each task's scales r, s on every adapted layer (depthwise convs "
+        "included), its biases and its norm affine parameters, which LoRA leaves frozen; on "
+        "the depthwise-heavy EfficientNet that extra backward work is the gap"),
+    "estimation_at_most_0.25x_trial": lambda d: (
+        "the Fisher pass is one forward and backward per batch ("
+        + ", ".join(f"{e['seconds']['fisher'] / e['seconds']['trial']:.2f}x"
+                    for e in d["estimation"])
+        + " of a trial epoch alone, ViT-Ti/S/B) and full SVDs grow with the cube of the layer "
+        "width while the trial grows with its square; `svd=\"randomized\"` gives "
+        + ", ".join(f"{e['estimation_over_trial_randomized_svd']:.2f}x" for e in d["estimation"])),
+}
+
+
+def _targets(targets: dict, data: dict | None = None) -> list[str]:
+    lines = []
+    for name, ok in targets.items():
+        line = f"- {name.replace('_', ' ')}: **{'met' if ok else 'missed'}**"
+        if not ok and name in MISSED_BECAUSE and data is not None:
+            line += ": " + MISSED_BECAUSE[name](data)
+        lines.append(line)
+    return lines
 
 
 def _provenance(data: dict) -> str:
@@ -51,7 +84,7 @@ def pmnist(data: dict) -> list[str]:
               "| reference | " + " | ".join(f"{g:.3f}" for g in a["growth_after_tasks"][:n]) + " |",
               "| halrp_adapt | " + " | ".join(f"{g:.3f}" for g in o["growth_after_tasks"]) + " |",
               "", "Final accuracy per task: " + " ".join(f"{x:.2f}" for x in o["final_accuracy"]),
-              "", "![pmnist](results/pmnist_lenet.png)", "", *_targets(data["targets"]), ""]
+              "", "![pmnist](results/pmnist_lenet.png)", "", *_targets(data["targets"], data), ""]
     return lines
 
 
@@ -70,7 +103,7 @@ def methods(data: dict, title: str) -> list[str]:
             line += f" {o['MOPD']:.2f} | {o['AOPD']:.2f} |"
         lines.append(line)
     png = "pretrained_methods.png" if orders == 1 else "order_robustness.png"
-    lines += ["", f"![methods](results/{png})", "", *_targets(data["targets"]), ""]
+    lines += ["", f"![methods](results/{png})", "", *_targets(data["targets"], data), ""]
     return lines
 
 
@@ -103,7 +136,7 @@ def speed(data: dict) -> list[str]:
         lines.append(f"Peak RSS of 3 training steps, {m['model']}: HALRP "
                      f"{m['peak_rss_mb']['halrp']:.0f} MB, LoRA {m['peak_rss_mb']['lora']:.0f} MB, "
                      f"ratio {m['ratio']:.3f}.")
-    lines += ["", *_targets(data["targets"]), ""]
+    lines += ["", *_targets(data["targets"], data), ""]
     return lines
 
 
@@ -126,6 +159,27 @@ def bytes_section(data: dict) -> list[str]:
     return lines
 
 
+def soak(data: dict) -> list[str]:
+    lines = ["## Soak: 50 tasks on one backbone", "", f"Command: {_provenance(data)}. Tiny data "
+             "per task (2 batches of 8 images, 16 px), budget 0.1 per task; slopes are least "
+             "squares over the tasks after the first five.", "",
+             "| backbone | tasks | s per task | time slope (s per task) | RSS slope (MB per "
+             "task) | task bytes (mean) | total growth (limit) | old tasks bit-identical | "
+             "load all s | load one s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        mean_bytes = sum(r["task_bytes"]) / len(r["task_bytes"])
+        lines.append(f"| {r['model']} ({r['backbone_params']:,} params) | {r['tasks']} | "
+                     f"{r['time_mean_s']:.3f} | {r['time_slope_s_per_task']:+.5f} | "
+                     f"{r['rss_slope_mb_per_task']:+.3f} | {mean_bytes / 1024:.0f} KiB | "
+                     f"{r['total_growth']:.3f} ({r['growth_limit']:g}) | "
+                     f"{r['old_tasks_bit_identical']} | {r['load_all_s']:.2f} | "
+                     f"{r['load_one_s']:.3f} |")
+    reads = data["runs"][0]["files_read_loading_one"]
+    lines += ["", f"Loading one task out of {data['runs'][0]['tasks']} opens only: "
+              + ", ".join(f"`{p}`" for p in reads) + ".", ""]
+    return lines
+
+
 def main() -> str:
     parts = ["# Benchmarks", "",
              "Every table below is generated by `python benchmarks/report.py` from "
@@ -137,12 +191,14 @@ def main() -> str:
                              d, "## 2. Pretrained backbone: EfficientNet-Lite0, Split "
                                 "Fashion-MNIST, five methods")),
                          ("order_robustness", lambda d: methods(
-                             d, "## 3. Order robustness over class orders")),
+                             d, "## 3. Order robustness: the same tasks in five orders")),
                          ("speed", speed), ("bytes_per_task", bytes_section)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
     parts += ["## 6. GPU", "", "No GPU machine was lent to the session that ran these "
               "benchmarks; the ViT-B/16 bf16 study is still to do.", ""]
+    data = _load("soak")
+    parts += soak(data) if data else ["## Soak", "", "Not run yet.", ""]
     text = "\n".join(parts)
     (HERE / "README.md").write_text(text)
     return text

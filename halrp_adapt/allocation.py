@@ -16,6 +16,7 @@ room for it, in order of its best score per parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ class LayerSpectrum:
     kernel_area: int
     out_features: int
     in_features: int
+    cost_per_rank: Optional[int] = None  # parameters one more rank costs; default out + in
 
     @property
     def weight(self) -> float:
@@ -39,7 +41,7 @@ class LayerSpectrum:
 
     @property
     def rank_cost(self) -> int:
-        return self.out_features + self.in_features
+        return self.cost_per_rank or self.out_features + self.in_features
 
 
 def explained_ranks(layers: list[LayerSpectrum], explained: float,

@@ -10,7 +10,8 @@ from torch import nn
 from .config import HalrpConfig
 from .model import HalrpModel
 from .serialization import backbone_fingerprint, load_task_tensors
-from .storage import (BASE_NAME, WEIGHTS_NAME, read_index, read_task_config, read_tensors)
+from .storage import (BASE_NAME, WEIGHTS_NAME, read_index, read_task_config, read_tensors,
+                      shared_index_lock)
 
 
 def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
@@ -36,21 +37,23 @@ def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
     if isinstance(tasks, str):
         tasks = [tasks]
     root, trusted = resolve_source(path_or_repo_id, tasks, revision, **hub_kwargs)
-    index = read_index(root, trusted)
-    names = list(index["tasks"]) if tasks is None else list(tasks)
-    missing = [t for t in names if t not in index["tasks"]]
-    if missing:
-        raise ValueError(f"tasks {missing} are not in {path_or_repo_id}; it holds "
-                         f"{index['tasks']}.")
-    configs = {t: read_task_config(root, t, trusted) for t in names}
-    tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
+    with shared_index_lock(root):
+        index = read_index(root, trusted)
+        names = list(index["tasks"]) if tasks is None else list(tasks)
+        missing = [t for t in names if t not in index["tasks"]]
+        if missing:
+            raise ValueError(f"`tasks`: {missing} are not in {path_or_repo_id}; it holds "
+                             f"{index['tasks']}.")
+        configs = {t: read_task_config(root, t, trusted) for t in names}
+        tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
+        base = (read_tensors(root / BASE_NAME, trusted) if index.get("base_weights")
+                else None)
 
     handle = HalrpModel.of(model)
     created = handle is None
     previous_base: dict[str, Any] = {}
     if created:
         options = HalrpConfig.from_options(**index["options"])
-        base = read_tensors(root / BASE_NAME, trusted) if index.get("base_weights") else None
         _check_backbone(model, options, index, base)
         if base is not None:
             previous_base = {k: v.detach().clone() for k, v in model.state_dict().items()

@@ -82,6 +82,7 @@ class HalrpModel(nn.Module):
         self.model = model
         self.config = config
         self._tasks: dict[str, TaskInfo] = {}
+        self._trainable: list[nn.Parameter] = []  # the open task's, while it trains
         head = find_head(model, config.head_module)
         self.base_class = f"{type(model).__module__}.{type(model).__qualname__}"
         if head is not None and _is_tied(model, head):
@@ -102,6 +103,10 @@ class HalrpModel(nn.Module):
         if head is not None and not head_is_shared:
             in_features = getattr(model, "num_features", None)
             _replace(model, head, TaskHead(model.get_submodule(head), in_features))
+        # The wrappers never change after this, and walking named_modules() would also walk
+        # every task's norm and head copies: keep them by name.
+        self._routed_by_name: dict[str, TaskRouted] = {
+            n: m for n, m in model.named_modules() if isinstance(m, TaskRouted)}
         self._check_budget_covers_fixed_cost()
         model.__dict__["_halrp_handle_ref"] = _HandleRef(self)
 
@@ -132,21 +137,21 @@ class HalrpModel(nn.Module):
 
     def adapter_layers(self) -> dict[str, HalrpLayer]:
         """{layer name: adapter layer}, named as the layers were in the original model."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, HalrpLayer)}
+        return {n: m for n, m in self._routed_by_name.items() if isinstance(m, HalrpLayer)}
 
     def task_norms(self) -> dict[str, TaskNorm]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, TaskNorm)}
+        return {n: m for n, m in self._routed_by_name.items() if isinstance(m, TaskNorm)}
 
     def task_head(self) -> Optional[TaskHead]:
         head = self.model.get_submodule(self.head_name) if self.head_name else None
         return head if isinstance(head, TaskHead) else None
 
     def _routed(self) -> Iterator[TaskRouted]:
-        return (m for m in self.model.modules() if isinstance(m, TaskRouted))
+        return iter(list(self._routed_by_name.values()))
 
-    def _info(self, task: str) -> TaskInfo:
-        if task not in self._tasks:
-            raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}.")
+    def _info(self, task: str, argument: str = "name") -> TaskInfo:
+        if not isinstance(task, str) or task not in self._tasks:
+            raise ValueError(f"`{argument}`: unknown task {task!r}; known tasks: {self.tasks}.")
         return self._tasks[task]
 
     def _require_open(self, action: str) -> TaskInfo:
@@ -302,6 +307,9 @@ class HalrpModel(nn.Module):
         """
         from .estimate import estimate_task
 
+        _check_positive_or_none("epochs", epochs, int)
+        _check_positive_or_none("steps", steps, int)
+        _check_positive_or_none("lr", lr, float)
         info = self._require_open("estimate_ranks()")
         if info.trains_base:
             raise RuntimeError(f"task {info.name!r} trains the backbone itself "
@@ -352,11 +360,13 @@ class HalrpModel(nn.Module):
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)
-        for p in self.parameters():
+        for p in self._trainable:
             p.requires_grad_(False)
+            p.grad = None  # a finished task keeps no gradient memory
+        self._trainable = []
         info.finished = True
         self._refresh_task_config(task)
-        return self.report().tasks[task]
+        return self.task_stats(task)
 
     def set_task(self, name: Optional[str]) -> None:
         """Route every forward through task `name` (None: the frozen backbone)."""
@@ -411,7 +421,15 @@ class HalrpModel(nn.Module):
             p.requires_grad_(True)
         model.__dict__.pop("_halrp_handle_ref", None)
         self._tasks.clear()
+        self._routed_by_name = {}
         return model
+
+    def task_stats(self, name: str) -> TaskStats:
+        """Ranks, parameter counts by kind and growth of task `name` alone (`report()` gives
+        every task's)."""
+        info = self._info(name)
+        return task_stats(name, self.adapter_layers(), list(self.task_norms().values()),
+                          self.task_head(), self.backbone_params, info.finished)
 
     def report(self) -> HalrpReport:
         """Per-task ranks, parameter counts by kind, and growth over the backbone."""
@@ -472,14 +490,16 @@ class HalrpModel(nn.Module):
 
     # ---- internals ---------------------------------------------------------------------------
     def _make_trainable(self, task: str) -> None:
-        for p in self.parameters():
+        # Only the previous open task's parameters can be trainable (every other task is
+        # frozen when it ends), so the cost stays flat as tasks pile up.
+        for p in self._trainable:
             p.requires_grad_(False)
-        for module in self._routed():
-            for p in module.task_parameters(task):
-                p.requires_grad_(True)
+        trainable = [p for module in self._routed() for p in module.task_parameters(task)]
         if self._tasks[task].trains_base:
-            for p in self._backbone_parameters():
-                p.requires_grad_(True)
+            trainable += self._backbone_parameters()
+        for p in trainable:
+            p.requires_grad_(True)
+        self._trainable = trainable
 
     def _backbone_parameters(self) -> list[nn.Parameter]:
         """The shared weights a base-training task trains: everything outside the per-task
@@ -562,3 +582,14 @@ def _is_tied(model: nn.Module, head: str) -> bool:
     head_ids = {id(p) for p in model.get_submodule(head).parameters()}
     return any(id(p) in head_ids for n, p in model.named_parameters(remove_duplicate=False)
                if not _inside(n, head))
+
+
+def _check_positive_or_none(argument: str, value: Any, kind: type) -> None:
+    """Raise ValueError unless `value` is None or a finite number > 0 (an int when `kind` is)."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (kind is int and not isinstance(value, int)) or not math.isfinite(value) \
+            or value <= 0:
+        what = "an int >= 1" if kind is int else "a finite number > 0"
+        raise ValueError(f"`{argument}` must be None or {what}, got {value!r}.")

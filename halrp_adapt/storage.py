@@ -62,11 +62,44 @@ def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
 
+def _open_lock_file(root: Path, create: bool) -> Any:
+    """The shelf's lock file, never through a symbolic link (a hostile shelf could point it
+    at a file elsewhere)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(root / LOCK_NAME, flags, 0o644)
+    except OSError as err:
+        if (root / LOCK_NAME).is_symlink():
+            raise ValueError(f"{root / LOCK_NAME} is a symbolic link; refusing to use it.") \
+                from None
+        raise err
+    return os.fdopen(fd, "rb")
+
+
 @contextlib.contextmanager
 def index_lock(root: Path) -> Iterator[None]:
     """Exclusive lock on the shelf's index, across processes (fcntl.flock)."""
-    with open(root / LOCK_NAME, "a+b") as lock:
+    with _open_lock_file(root, create=True) as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def shared_index_lock(root: Path) -> Iterator[None]:
+    """Shared lock for readers of a local shelf, so that a task is never read while a writer
+    replaces it. A shelf without a lock file (a Hub snapshot, a copied folder) is read as is."""
+    try:
+        lock = _open_lock_file(root, create=False)
+    except OSError:
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -92,7 +125,8 @@ def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
     with index_lock(root):
         index = read_index(root) if (root / INDEX_NAME).exists() else new_index(handle)
         if index["backbone"]["fingerprint"] != fingerprint:
-            raise ValueError(f"{root} holds tasks of another backbone (fingerprint "
+            raise ValueError(f"`save_directory` {str(root)!r} holds tasks of another backbone "
+                             f"(fingerprint "
                              f"{index['backbone']['fingerprint'][:12]}...); save into a new "
                              "folder.")
         if any(handle._tasks[t].trains_base for t in handle.tasks) and \
@@ -129,10 +163,11 @@ def _tasks_to_save(handle: "HalrpModel", tasks: Optional[Sequence[str]]) -> list
         tasks = [tasks]
     names = list(tasks)
     for name in names:
-        info = handle._info(name)
+        info = handle._info(name, argument="tasks")
         if not info.finished:
-            raise ValueError(f"task {name!r} is still in training: call end_task() before "
-                             "saving it.")
+            raise ValueError(f"`tasks`: task {name!r} is still in training: call end_task() "
+                             "before saving it; finished tasks: "
+                             f"{[t for t in handle.tasks if handle._tasks[t].finished]}.")
     return names
 
 
@@ -153,7 +188,7 @@ def new_index(handle: "HalrpModel") -> dict[str, Any]:
 
 
 def _summary(handle: "HalrpModel", name: str) -> dict[str, Any]:
-    stats = handle.report().tasks[name]
+    stats = handle.task_stats(name)
     ranks = list(stats.ranks.values())
     return {"num_classes": handle._tasks[name].config.num_classes, "growth": stats.growth,
             "mean_rank": sum(ranks) / len(ranks) if ranks else 0.0,

@@ -217,6 +217,7 @@ class ContinualTrainer:
         loader = self._loader(task.train, train=True, seed=seed)
         model, optimizer, loader, scheduler = acc.prepare(handle, optimizer, loader, scheduler)
         model.train()
+        trainable = handle.trainable_parameters()  # once: the scan grows with the tasks
         from tqdm.auto import tqdm
 
         for epoch in range(epochs):
@@ -227,7 +228,7 @@ class ContinualTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 if cfg.grad_clip is not None:
-                    acc.clip_grad_norm_(handle.trainable_parameters(), cfg.grad_clip)
+                    acc.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -287,7 +288,7 @@ class ContinualTrainer:
             if not self.handle._tasks[task.name].trains_base:
                 self._estimate(task, seed)
                 times["estimate"] = time.perf_counter() - start
-                ranks = self.handle.report().tasks[task.name].ranks
+                ranks = self.handle.task_stats(task.name).ranks
                 self.log(f"[{task.name}] ranks estimated in {times['estimate']:.1f}s: mean "
                          f"{sum(ranks.values()) / max(len(ranks), 1):.1f} over {len(ranks)} "
                          "layers")

@@ -35,6 +35,7 @@ def trial_finetune(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, epoch
             if steps is not None and taken >= steps:
                 break
         if seen == 0:
-            raise ValueError("the trial data yielded no batch.")
+            raise ValueError("`data`: the trial data yielded no batch; give an iterable of "
+                             "(inputs, labels) batches or dicts, with at least one batch.")
         epoch += 1
     return taken

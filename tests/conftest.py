@@ -116,3 +116,33 @@ def outputs_of(cl, inputs) -> dict:
                 result = cl(**inputs) if isinstance(inputs, dict) else cl(inputs)
             out[name] = result.logits if hasattr(result, "logits") else result
     return out
+
+
+@pytest.fixture
+def shelf(tmp_path):
+    """A folder holding tasks a and b of `tiny_cnn()`."""
+    import halrp_adapt
+
+    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    learn_task(cl, "a", batches(), num_classes=3)
+    learn_task(cl, "b", batches(seed=2), num_classes=3)
+    cl.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def unchanged(model, reference):
+    state = model.state_dict()
+    return state.keys() == reference.keys() and all(torch.equal(state[k], reference[k])
+                                                     for k in state)
+
+
+def load_fails(shelf, match, tasks=None, model=None, exc=ValueError):
+    """`halrp_adapt.load` raises `exc` matching `match`, and `model` is left untouched."""
+    import halrp_adapt
+
+    model = model or tiny_cnn()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        halrp_adapt.load(model, shelf, tasks=tasks)
+    assert unchanged(model, reference), "the model changed although loading failed"
+    assert halrp_adapt.HalrpModel.of(model) is None

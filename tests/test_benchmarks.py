@@ -53,3 +53,12 @@ def test_speed_quick():
     step = out["steps"][0]
     assert {"train_ratio", "merged_vs_plain", "unmerged_halrp_vs_lora"} <= set(step)
     assert set(out["estimation"][0]["seconds"]) == {"trial", "fisher", "decompose", "allocate"}
+
+
+def test_soak_quick():
+    out = _run("soak", "--quick")
+    assert out["command"].endswith("--quick") and len(out["runs"]) == 2
+    for run in out["runs"]:
+        assert {"time_slope_s_per_task", "rss_slope_mb_per_task", "load_all_s", "load_one_s",
+                "files_read_loading_one", "total_growth", "old_tasks_bit_identical"} <= set(run)
+        assert run["old_tasks_bit_identical"] and len(run["seconds_per_task"]) == 6

@@ -160,7 +160,7 @@ def test_train_base_first_task_trains_the_backbone():
     with pytest.raises(RuntimeError, match="train_base"):
         cl.estimate_ranks(data)
     before = conv.weight.detach().clone()
-    wd = float(sum(l.weight.pow(2).sum() for l in cl.adapter_layers().values()))
+    wd = float(sum(l.weight.detach().pow(2).sum() for l in cl.adapter_layers().values()))
     assert float(cl.regularization_loss()) == pytest.approx(cl.config.wd * wd / 2, rel=1e-5)
     train_steps(cl, data, steps=2)
     cl.end_task()

@@ -68,5 +68,5 @@ def test_missing_repo_and_missing_task(online):
         halrp_adapt.load(_vit(), "org/does-not-exist")
     cl = _learned(["only"])
     cl.push_to_hub("org/one-task")
-    with pytest.raises(ValueError, match=r"tasks \['other'\] are not in org/one-task"):
+    with pytest.raises(ValueError, match=r"`tasks`: \['other'\] are not in org/one-task"):
         halrp_adapt.load(_vit(), "org/one-task", tasks=["other"])

@@ -13,7 +13,8 @@ import transformers
 import halrp_adapt
 from halrp_adapt.storage import BASE_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 
-from conftest import batches, learn_pruned_task, learn_task, outputs_of, tiny_cnn
+from conftest import (batches, learn_pruned_task, learn_task, load_fails, outputs_of,
+                      tiny_cnn)
 
 
 def _vit():
@@ -135,38 +136,14 @@ def test_train_base_shelf_carries_its_backbone(tmp_path):
 
 
 # ---- bad input and bad files -----------------------------------------------------------------
-@pytest.fixture
-def shelf(tmp_path):
-    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
-    learn_task(cl, "a", batches(), num_classes=3)
-    learn_task(cl, "b", batches(seed=2), num_classes=3)
-    cl.save_pretrained(tmp_path)
-    return tmp_path
-
-
-def _unchanged(model, reference):
-    state = model.state_dict()
-    return state.keys() == reference.keys() and all(torch.equal(state[k], reference[k])
-                                                     for k in state)
-
-
-def _load_fails(shelf, match, tasks=None, model=None, exc=ValueError):
-    model = model or tiny_cnn()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(exc, match=match):
-        halrp_adapt.load(model, shelf, tasks=tasks)
-    assert _unchanged(model, reference), "the model changed although loading failed"
-    assert halrp_adapt.HalrpModel.of(model) is None
-
-
 def test_missing_task(shelf):
-    _load_fails(shelf, r"tasks \['c'\] are not in .* it holds \['a', 'b'\]", tasks=["c"])
+    load_fails(shelf, r"`tasks`: \['c'\] are not in .* it holds \['a', 'b'\]", tasks=["c"])
 
 
 def test_truncated_safetensors(shelf):
     path = shelf / "b" / WEIGHTS_NAME
     path.write_bytes(path.read_bytes()[:-100])
-    _load_fails(shelf, "not a readable safetensors file")
+    load_fails(shelf, "not a readable safetensors file")
 
 
 def test_corrupted_safetensors_header(shelf):
@@ -174,7 +151,7 @@ def test_corrupted_safetensors_header(shelf):
     data = bytearray(path.read_bytes())
     data[10:20] = b"\xff" * 10
     path.write_bytes(bytes(data))
-    _load_fails(shelf, "not a readable safetensors file")
+    load_fails(shelf, "not a readable safetensors file")
 
 
 def _rewrite_tensors(path, change):
@@ -188,7 +165,7 @@ def _rewrite_tensors(path, change):
 def test_tensor_of_wrong_shape(shelf):
     key = "base_model.model.11.halrp_head.weight"
     _rewrite_tensors(shelf / "b" / WEIGHTS_NAME, lambda t: t.update({key: torch.zeros(4, 32)}))
-    _load_fails(shelf, r"tensor base_model.model.11.halrp_head.weight has shape \(4, 32\)")
+    load_fails(shelf, r"tensor base_model.model.11.halrp_head.weight has shape \(4, 32\)")
 
 
 def test_tensor_with_nan(shelf):
@@ -196,13 +173,13 @@ def test_tensor_with_nan(shelf):
         key = next(k for k in t if k.endswith("halrp_r"))
         t[key][0] = float("nan")
     _rewrite_tensors(shelf / "a" / WEIGHTS_NAME, poison)
-    _load_fails(shelf, "holds NaN or infinite values")
+    load_fails(shelf, "holds NaN or infinite values")
 
 
 def test_extra_tensor(shelf):
     _rewrite_tensors(shelf / "a" / WEIGHTS_NAME,
                      lambda t: t.update({"base_model.model.0.evil": torch.zeros(1)}))
-    _load_fails(shelf, r"unexpected \['base_model.model.0.evil'\]")
+    load_fails(shelf, r"unexpected \['base_model.model.0.evil'\]")
 
 
 def test_config_of_unknown_format_version(shelf):
@@ -210,7 +187,7 @@ def test_config_of_unknown_format_version(shelf):
     data = json.loads(path.read_text())
     data["format_version"] = 99
     path.write_text(json.dumps(data))
-    _load_fails(shelf, "`format_version` 99 is not supported")
+    load_fails(shelf, "`format_version` 99 is not supported")
 
 
 def test_index_of_unknown_format_version(shelf):
@@ -218,7 +195,7 @@ def test_index_of_unknown_format_version(shelf):
     data = json.loads(path.read_text())
     data["format_version"] = 2
     path.write_text(json.dumps(data))
-    _load_fails(shelf, "`format_version` 2 is not supported")
+    load_fails(shelf, "`format_version` 2 is not supported")
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "x\x00y"])
@@ -227,27 +204,27 @@ def test_task_names_with_path_parts_in_the_index(shelf, name):
     data = json.loads(path.read_text())
     data["tasks"].append(name)
     path.write_text(json.dumps(data))
-    _load_fails(shelf, "task name must be 1-128 characters")
+    load_fails(shelf, "task name must be 1-128 characters")
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "x\x00y"])
 def test_task_names_with_path_parts_when_loading(shelf, name):
-    _load_fails(shelf, "are not in", tasks=[name])
+    load_fails(shelf, "are not in", tasks=[name])
 
 
 def test_backbone_of_another_architecture(shelf):
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 64, 5))
-    _load_fails(shelf, "is not the backbone these tasks were saved on", model=other)
+    load_fails(shelf, "is not the backbone these tasks were saved on", model=other)
 
 
 def test_backbone_with_other_weights(shelf):
-    _load_fails(shelf, "is not the backbone these tasks were saved on", model=tiny_cnn(seed=1))
+    load_fails(shelf, "is not the backbone these tasks were saved on", model=tiny_cnn(seed=1))
 
 
 def test_not_a_shelf(tmp_path):
-    _load_fails(tmp_path, "the shelf index not found", exc=FileNotFoundError)
-    _load_fails("no such folder here", "neither a folder of saved tasks nor a Hugging Face",
+    load_fails(tmp_path, "the shelf index not found", exc=FileNotFoundError)
+    load_fails("no such folder here", "neither a folder of saved tasks nor a Hugging Face",
                 exc=FileNotFoundError)
 
 
@@ -302,4 +279,4 @@ def test_symlink_pointing_outside_the_shelf(shelf, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     (shelf / "b" / WEIGHTS_NAME).rename(outside / WEIGHTS_NAME)
     (shelf / "b" / WEIGHTS_NAME).symlink_to(outside / WEIGHTS_NAME)
-    _load_fails(shelf, "points outside .* refusing to use it")
+    load_fails(shelf, "points outside .* refusing to use it")
