@@ -24,6 +24,7 @@ from .loading import load
 from .losses import default_loss
 from .model import HalrpModel
 from .registry import register_layer_type, register_norm_type, supported_layer_types
+from .suggest import suggest_lora_config
 from .tuner import HalrpTuner, register_with_peft
 
 register_with_peft()
@@ -63,5 +64,5 @@ __all__ = [
     "attach", "load", "HalrpConfig", "HalrpType", "HalrpTuner", "HalrpModel", "HalrpReport",
     "TaskStats", "HalrpLayer",
     "HalrpLinear", "HalrpConv2d", "HalrpConv1D", "register_layer_type", "register_norm_type",
-    "supported_layer_types", "default_loss", "__version__",
+    "supported_layer_types", "default_loss", "suggest_lora_config", "__version__",
 ]

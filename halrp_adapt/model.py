@@ -485,8 +485,20 @@ class HalrpModel(nn.Module):
         self._info(name)
         return save_merged(self, name, save_directory)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        """The model's forward through the active task, or, with `task_ids` (one task index
+        or name per sample), each sample through its own task (`forward_tasks`)."""
+        if task_ids is not None:
+            return self.forward_tasks(task_ids, *args, **kwargs)
         return self.model(*args, **kwargs)
+
+    def forward_tasks(self, task_ids: Any, *args: Any, fill_value: float = float("-inf"),
+                      **kwargs: Any) -> Tensor:
+        """Each sample through its own task in one forward per task present; see
+        `halrp_adapt.mixed.forward_tasks`."""
+        from .mixed import forward_tasks
+
+        return forward_tasks(self, task_ids, *args, fill_value=fill_value, **kwargs)
 
     # ---- internals ---------------------------------------------------------------------------
     def _make_trainable(self, task: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -146,14 +147,21 @@ def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
             tensors = task_state_dict(handle, name, DTYPES[dtype])
             meta = {"format": "pt", "halrp_format_version": str(FORMAT_VERSION), "task": name}
             blob = safetensors_bytes(tensors, metadata=meta)
+            config_bytes = _json_bytes(config.to_dict())
             atomic_write(folder / WEIGHTS_NAME, lambda f, b=blob: f.write(b))
-            atomic_write(folder / CONFIG_NAME,
-                         lambda f, c=config: f.write(_json_bytes(c.to_dict())))
+            atomic_write(folder / CONFIG_NAME, lambda f, c=config_bytes: f.write(c))
             if name not in index["tasks"]:
                 index["tasks"].append(name)
-            index["task_info"][name] = _summary(handle, name)
+            index["task_info"][name] = {**_summary(handle, name),
+                                        "files": {WEIGHTS_NAME: file_record(blob),
+                                                  CONFIG_NAME: file_record(config_bytes)}}
         atomic_write(root / INDEX_NAME, lambda f: f.write(_json_bytes(index)))
     return names
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    """What the index keeps of a file so that `halrp-adapt verify` can check it."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _tasks_to_save(handle: "HalrpModel", tasks: Optional[Sequence[str]]) -> list[str]:

