@@ -45,6 +45,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: Optional[int],
     group.add_argument("--output-dir", default=output_dir,
                        help="adapters, metrics, plots; rerun the same command to resume")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--log-with", choices=["tensorboard", "wandb", "mlflow", "all"],
+                       default=None, help="experiment tracker(s), through Accelerate; "
+                       "TensorBoard files go to OUTPUT_DIR/halrp")
     group.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
                        help="Accelerate's mixed precision (default: accelerate's config)")
 
@@ -89,7 +92,9 @@ def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskDa
     from .trainer import ContinualTrainer, TrainConfig
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=args.mixed_precision)
+                              mixed_precision=args.mixed_precision,
+                              log_with=getattr(args, "log_with", None),
+                              project_dir=args.output_dir)
     options = {"budget": args.budget, "trial_epochs": args.trial_epochs,
                **(halrp_options or {})}
     handle = halrp_adapt.attach(model, config=HalrpConfig.from_options(**options))

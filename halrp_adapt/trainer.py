@@ -31,6 +31,7 @@ from .losses import LossFn, default_loss, logits_of, move_to
 from .model import HalrpModel
 from .serialization import _live_task_tensors
 from .task_splits import TaskData
+from .tracking import RunTracker
 
 STATE_NAME = "trainer_state.json"
 
@@ -110,7 +111,8 @@ class ContinualTrainer:
     def __init__(self, handle: HalrpModel, tasks: Sequence[TaskData], config: TrainConfig,
                  accelerator: Optional[Accelerator] = None, output_dir: Optional[str] = None,
                  loss_fn: Optional[LossFn] = None, progress: bool = True,
-                 log: Optional[Callable[..., None]] = None) -> None:
+                 log: Optional[Callable[..., None]] = None,
+                 tracker_project: str = "halrp") -> None:
         if not isinstance(handle, HalrpModel):
             raise TypeError(f"`handle` must come from halrp_adapt.attach, got "
                             f"{type(handle).__name__}.")
@@ -129,6 +131,7 @@ class ContinualTrainer:
         self.progress = progress and self.accelerator.is_local_main_process
         self._log = log or print
         self.state = RunState()
+        self.tracker = RunTracker(self.accelerator, tracker_project)
 
     # ---- helpers -----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -209,7 +212,7 @@ class ContinualTrainer:
             self.handle.config.trial_epochs
         return max(cfg.epochs - trial, 1)
 
-    def _train(self, task: TaskData, seed: int) -> None:
+    def _train(self, task: TaskData, seed: int, index: int = 0) -> None:
         acc, cfg, handle = self.accelerator, self.config, self.handle
         epochs = self._epochs(task)
         optimizer = torch.optim.Adam(handle.trainable_parameters(), lr=cfg.lr)
@@ -231,7 +234,9 @@ class ContinualTrainer:
                     acc.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                value = loss.item()
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                self.tracker.train_step(value, index)
         acc.free_memory()  # drop the prepared wrappers: the next task prepares afresh
         self._sync_task_state(task.name)
 
@@ -277,6 +282,7 @@ class ContinualTrainer:
         from .reporting import summarize, write_outputs
 
         self._resume()
+        self.tracker.start(self.config, self.handle.config.options())
         for t, task in enumerate(self.tasks):
             if task.name in self.state.finished:
                 continue
@@ -293,7 +299,7 @@ class ContinualTrainer:
                          f"{sum(ranks.values()) / max(len(ranks), 1):.1f} over {len(ranks)} "
                          "layers")
             mark = time.perf_counter()
-            self._train(task, seed)
+            self._train(task, seed, t)
             times["train"] = time.perf_counter() - mark
             mark = time.perf_counter()
             stats = self.handle.end_task()
@@ -306,6 +312,8 @@ class ContinualTrainer:
             self.handle.record_metrics(task.name, accuracy=row[-1])
             self.log(f"[{task.name}] accuracy {row[-1]:.2f}%; all tasks: "
                      + " ".join(f"{a:.1f}" for a in row))
+            self.tracker.task_done([s.name for s in self.tasks[:t + 1]], row, task.name, stats,
+                                   self.handle.report().total_growth)
             self.state.matrix.append(row)
             self.state.finished.append(task.name)
             self.state.times[task.name] = times
@@ -314,6 +322,7 @@ class ContinualTrainer:
         if self.output_dir is not None and self.accelerator.is_main_process:
             write_outputs(self, result)
         self.accelerator.wait_for_everyone()
+        self.tracker.finish(self.output_dir if self.accelerator.is_main_process else None)
         return result
 
     def _save(self, task: TaskData) -> None:

@@ -36,7 +36,8 @@ def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _recipe(name).main(["--help"])
     assert exit_info.value.code == 0
-    assert "--budget" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--budget" in out and "--log-with" in out
 
 
 def test_unknown_model(capsys, tmp_path):
