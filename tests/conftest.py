@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types  # noqa: F401  (annotations)
 
 import pytest
 
@@ -44,6 +45,17 @@ def online(hub, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     assert constants.ENDPOINT == hub.url, "huggingface_hub was imported before the conftest"
     return hub
+
+
+def load_script(path) -> "types.ModuleType":
+    """Import a script (a recipe, example or benchmark) by its path, as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cnn(num_classes: int = 5, seed: int = 0) -> nn.Sequential:

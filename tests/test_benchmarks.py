@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(script: str, *args: str):
-    spec = importlib.util.spec_from_file_location(script, BENCHMARKS / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    return load_script(BENCHMARKS / f"{script}.py").main(list(args))
 
 
 def test_bytes_per_task_quick():

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from conftest import load_script
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
 def _quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(QUICKSTART)
 
 
 def test_three_tasks_learn_and_never_forget():

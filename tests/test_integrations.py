@@ -4,7 +4,6 @@ tracker API, timm's data and optimiser tools, and the plain PyTorch example."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,13 @@ import halrp_adapt
 from halrp_adapt.integrations import HalrpTrainer
 from halrp_adapt.trainer import ContinualTrainer, TrainConfig
 
-from conftest import batches
+from conftest import batches, load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def _args(tmp_path, epochs=1.0):

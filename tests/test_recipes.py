@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPES / f"{name}.py")
 
 
 def _fails(name: str, argv: list[str], message: str, capsys, tmp_path) -> None:

@@ -8,19 +8,17 @@ never asserted here.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 
 
 def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", SOAK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SOAK)
 
 
 @pytest.mark.parametrize("model", ["small_cnn", "small_vit"])
