@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,17 +26,10 @@ import torch
 
 import halrp_adapt
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from speed import median_seconds  # noqa: E402  (the speed study's timing, one warm-up)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = grouped()
         torch.testing.assert_close(loop_over_tasks(), reference, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(loop_over_samples(), reference, atol=1e-4, rtol=1e-4)
-        seconds = {f.__name__: median_seconds(f, args.repeats)
+        seconds = {f.__name__: median_seconds(f, 1, args.repeats)
                    for f in (grouped, loop_over_tasks, loop_over_samples)}
     out = {"command": "python benchmarks/mixed_batches.py" + (" --quick" if args.quick else ""),
            "date": time.strftime("%Y-%m-%d"),

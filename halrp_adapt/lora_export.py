@@ -53,7 +53,8 @@ def export_lora(handle: "HalrpModel", task: str, backbone: nn.Module,
                                  or max_rank < 1):
         raise ValueError(f"`max_rank` must be None or an int >= 1, got {max_rank!r}.")
     factors, biases = _layer_changes(handle, task, max_rank, tolerance)
-    keep = [n for n in handle.task_norms()] + ([handle.head_name] if handle.task_head() else [])
+    norms, head = handle.task_norms(), handle.task_head()
+    keep = list(norms) + ([handle.head_name] if head is not None else [])
     names = sorted(set(factors) | set(biases))
     if not names:
         raise LoraExportError(f"task {task!r} changes no adaptable layer; nothing to export.")
@@ -77,8 +78,7 @@ def export_lora(handle: "HalrpModel", task: str, backbone: nn.Module,
             if name in biases:
                 layer.get_base_layer().bias.copy_(biases[name])
         for name in keep:
-            own = (handle.task_norms()[name].halrp_norm[task] if name in handle.task_norms()
-                   else handle.task_head().halrp_head[task])
+            own = norms[name].halrp_norm[task] if name in norms else head.halrp_head[task]
             modules[name].modules_to_save[ADAPTER] = copy.deepcopy(own)
     peft_model.save_pretrained(str(save_directory))
     return Path(save_directory)
