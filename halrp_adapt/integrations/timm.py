@@ -35,7 +35,13 @@ def create_halrp_optimizer(handle: HalrpModel, opt: str = "adamw", lr: float = 1
 
 class RegularizedLoss(nn.Module):
     """`criterion(output, target) + handle.regularization_loss()` while a task is open: a
-    drop-in for timm's `train_loss_fn`."""
+    drop-in for timm's `train_loss_fn`.
+
+    Example::
+
+        train_loss_fn = RegularizedLoss(nn.CrossEntropyLoss(), cl)   # in timm's train.py
+        loss = train_loss_fn(model(images), targets)
+    """
 
     def __init__(self, criterion: nn.Module, handle: HalrpModel) -> None:
         super().__init__()
