@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -32,8 +32,9 @@ register_with_peft()
 __version__ = "0.1.0"
 
 
-def attach(model: nn.Module, budget: float = 0.05, *, config: Optional[HalrpConfig] = None,
-           **options: Any) -> HalrpModel:
+def attach(
+    model: nn.Module, budget: float = 0.05, *, config: HalrpConfig | None = None, **options: Any
+) -> HalrpModel:
     """Attach HALRP task adapters to `model` (in place) and return the handle.
 
     `budget` bounds what each task may add, as a share of the backbone's parameters.
@@ -61,8 +62,22 @@ def attach(model: nn.Module, budget: float = 0.05, *, config: Optional[HalrpConf
 
 
 __all__ = [
-    "attach", "load", "HalrpConfig", "HalrpType", "HalrpTuner", "HalrpModel", "HalrpReport",
-    "TaskStats", "HalrpLayer",
-    "HalrpLinear", "HalrpConv2d", "HalrpConv1D", "register_layer_type", "register_norm_type",
-    "supported_layer_types", "default_loss", "suggest_lora_config", "__version__",
+    "attach",
+    "load",
+    "HalrpConfig",
+    "HalrpType",
+    "HalrpTuner",
+    "HalrpModel",
+    "HalrpReport",
+    "TaskStats",
+    "HalrpLayer",
+    "HalrpLinear",
+    "HalrpConv2d",
+    "HalrpConv1D",
+    "register_layer_type",
+    "register_norm_type",
+    "supported_layer_types",
+    "default_loss",
+    "suggest_lora_config",
+    "__version__",
 ]

@@ -68,21 +68,30 @@ class HalrpReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backbone_params": self.backbone_params, "budget": self.budget,
-                "total_growth": self.total_growth,
-                "tasks": {n: t.to_dict() for n, t in self.tasks.items()}}
+        return {
+            "backbone_params": self.backbone_params,
+            "budget": self.budget,
+            "total_growth": self.total_growth,
+            "tasks": {n: t.to_dict() for n, t in self.tasks.items()},
+        }
 
     def __str__(self) -> str:
-        head = f"{'task':<16}{'growth':>9}{'stored':>11}{'low-rank':>10}{'scales':>9}" \
-               f"{'bias':>8}{'norms':>8}{'head':>8}  mean rank"
-        lines = [f"backbone: {self.backbone_params:,} parameters, budget {self.budget} per task",
-                 head]
+        head = (
+            f"{'task':<16}{'growth':>9}{'stored':>11}{'low-rank':>10}{'scales':>9}"
+            f"{'bias':>8}{'norms':>8}{'head':>8}  mean rank"
+        )
+        lines = [
+            f"backbone: {self.backbone_params:,} parameters, budget {self.budget} per task",
+            head,
+        ]
         for t in self.tasks.values():
             ranks = [r for r in t.ranks.values()]
             mean_rank = f"{sum(ranks) / len(ranks):.1f}" if ranks else "-"
-            lines.append(f"{t.name:<16}{t.growth:>9.4f}{t.stored_params:>11,}"
-                         f"{t.low_rank_params:>10,}{t.scale_params:>9,}{t.bias_params:>8,}"
-                         f"{t.norm_params:>8,}{t.head_params:>8,}  {mean_rank}")
+            lines.append(
+                f"{t.name:<16}{t.growth:>9.4f}{t.stored_params:>11,}"
+                f"{t.low_rank_params:>10,}{t.scale_params:>9,}{t.bias_params:>8,}"
+                f"{t.norm_params:>8,}{t.head_params:>8,}  {mean_rank}"
+            )
         lines.append(f"{'total':<16}{self.total_growth:>9.4f}")
         return "\n".join(lines)
 
@@ -104,8 +113,14 @@ def fixed_task_cost(layers: list[HalrpLayer], norms: list[TaskNorm], scales: boo
     return cost
 
 
-def task_stats(task: str, layers: dict[str, HalrpLayer], norms: list[TaskNorm],
-               head: TaskHead | None, backbone_params: int, finished: bool) -> TaskStats:
+def task_stats(
+    task: str,
+    layers: dict[str, HalrpLayer],
+    norms: list[TaskNorm],
+    head: TaskHead | None,
+    backbone_params: int,
+    finished: bool,
+) -> TaskStats:
     stats = TaskStats(name=task, backbone_params=backbone_params, finished=finished)
     for name, layer in layers.items():
         if task in layer.halrp_r:

@@ -16,7 +16,6 @@ room for it, in order of its best score per parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ class LayerSpectrum:
     kernel_area: int
     out_features: int
     in_features: int
-    cost_per_rank: Optional[int] = None  # parameters one more rank costs; default out + in
+    cost_per_rank: int | None = None  # parameters one more rank costs; default out + in
 
     @property
     def weight(self) -> float:
@@ -44,8 +43,9 @@ class LayerSpectrum:
         return self.cost_per_rank or self.out_features + self.in_features
 
 
-def explained_ranks(layers: list[LayerSpectrum], explained: float,
-                    upper_rank: int) -> dict[str, int]:
+def explained_ranks(
+    layers: list[LayerSpectrum], explained: float, upper_rank: int
+) -> dict[str, int]:
     """Ranks from the global explained-share rule (the paper's), clamped to [1, upper_rank]."""
     scores, owners = _scores(layers)
     total = sum(layer.weight * layer.energy for layer in layers)
@@ -57,23 +57,26 @@ def explained_ranks(layers: list[LayerSpectrum], explained: float,
         stop = int(past[0]) + 1 if past.numel() else scores.numel()
         for owner in owners[order[:stop]].tolist():
             counts[layers[owner].name] += 1
-    return {layer.name: max(1, min(counts[layer.name], upper_rank, layer.sigma.numel()))
-            for layer in layers}
+    return {
+        layer.name: max(1, min(counts[layer.name], upper_rank, layer.sigma.numel()))
+        for layer in layers
+    }
 
 
-def budget_ranks(layers: list[LayerSpectrum], caps: dict[str, int],
-                 budget_params: float) -> dict[str, int]:
+def budget_ranks(
+    layers: list[LayerSpectrum], caps: dict[str, int], budget_params: float
+) -> dict[str, int]:
     """Cut `caps` down to `budget_params` low-rank parameters, best score per parameter first."""
-    if sum(caps[l.name] * l.rank_cost for l in layers) <= budget_params:
+    if sum(caps[ly.name] * ly.rank_cost for ly in layers) <= budget_params:
         return dict(caps)
-    ranks = {l.name: 0 for l in layers}
+    ranks = {ly.name: 0 for ly in layers}
     left = budget_params
-    by_first = sorted(layers, key=lambda l: -_density(l, 0))
+    by_first = sorted(layers, key=lambda ly: -_density(ly, 0))
     for layer in by_first:  # rank 1 everywhere first, while it fits
         if caps[layer.name] >= 1 and layer.rank_cost <= left:
             ranks[layer.name] = 1
             left -= layer.rank_cost
-    candidates = [(_density(l, i), l) for l in layers for i in range(1, caps[l.name])]
+    candidates = [(_density(ly, i), ly) for ly in layers for i in range(1, caps[ly.name])]
     candidates.sort(key=lambda c: -c[0])
     for _, layer in candidates:
         if layer.rank_cost <= left:

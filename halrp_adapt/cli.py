@@ -19,18 +19,24 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, AttributeError,
-            TypeError) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        ImportError,
+        AttributeError,
+        TypeError,
+    ) as err:
         print(f"halrp-adapt {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -39,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="halrp-adapt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    inspect = commands.add_parser("inspect", help="tasks, ranks per layer, growth, bytes, "
-                                  "backbone fingerprint of a folder or Hub repo")
+    inspect = commands.add_parser(
+        "inspect",
+        help="tasks, ranks per layer, growth, bytes, backbone fingerprint of a folder or Hub repo",
+    )
     inspect.add_argument("source", help="a shelf folder or a Hub repo id")
     inspect.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -51,25 +59,48 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     for name, helptext, run in (
-            ("merge", "write one task as a plain model (its library's own format)", _merge),
-            ("export-lora", "write one task as a standard PEFT LoRA adapter (exact, or "
-                            "refused with the reason)", _export_lora)):
+        ("merge", "write one task as a plain model (its library's own format)", _merge),
+        (
+            "export-lora",
+            "write one task as a standard PEFT LoRA adapter (exact, or refused with the reason)",
+            _export_lora,
+        ),
+    ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("source", help="a shelf folder or a Hub repo id")
         sub.add_argument("--task", required=True, help="the task to write")
-        sub.add_argument("--backbone", required=True, metavar="SPEC",
-                         help="timm:NAME, hf:PATH_OR_ID or py:MODULE:FUNCTION")
-        sub.add_argument("--backbone-kwargs", default="{}", metavar="JSON",
-                         help="keyword arguments for the backbone, as a JSON object")
-        sub.add_argument("--no-pretrained", action="store_true",
-                         help="timm: build without downloading pretrained weights")
+        sub.add_argument(
+            "--backbone",
+            required=True,
+            metavar="SPEC",
+            help="timm:NAME, hf:PATH_OR_ID or py:MODULE:FUNCTION",
+        )
+        sub.add_argument(
+            "--backbone-kwargs",
+            default="{}",
+            metavar="JSON",
+            help="keyword arguments for the backbone, as a JSON object",
+        )
+        sub.add_argument(
+            "--no-pretrained",
+            action="store_true",
+            help="timm: build without downloading pretrained weights",
+        )
         sub.add_argument("--revision", help="Hub revision")
         sub.add_argument("--out", required=True, help="output folder")
         if name == "export-lora":
-            sub.add_argument("--max-rank", type=int, default=None,
-                             help="refuse layers whose exact change needs a higher rank")
-            sub.add_argument("--tolerance", type=float, default=1e-6,
-                             help="singular values below this share of the largest are zero")
+            sub.add_argument(
+                "--max-rank",
+                type=int,
+                default=None,
+                help="refuse layers whose exact change needs a higher rank",
+            )
+            sub.add_argument(
+                "--tolerance",
+                type=float,
+                default=1e-6,
+                help="singular values below this share of the largest are zero",
+            )
         sub.set_defaults(run=run)
     return parser
 
@@ -86,19 +117,28 @@ def _inspect(args: argparse.Namespace) -> int:
         config = read_task_config(root, task, trusted)
         info = index["task_info"].get(task, {})
         tasks[task] = {
-            "num_classes": config.num_classes, "growth": info.get("growth"),
+            "num_classes": config.num_classes,
+            "growth": info.get("growth"),
             "bytes": sum((root / task / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME)),
-            "ranks": dict(config.rank_pattern or {}), "metrics": dict(config.metrics or {})}
-    summary = {"source": str(args.source), "backbone": index["backbone"],
-               "library_version": index.get("library_version"),
-               "budget": index["options"].get("budget"), "tasks": tasks}
+            "ranks": dict(config.rank_pattern or {}),
+            "metrics": dict(config.metrics or {}),
+        }
+    summary = {
+        "source": str(args.source),
+        "backbone": index["backbone"],
+        "library_version": index.get("library_version"),
+        "budget": index["options"].get("budget"),
+        "tasks": tasks,
+    }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     backbone = index["backbone"]
     print(f"shelf     {args.source}" + (f" @ {args.revision}" if args.revision else ""))
-    print(f"backbone  {backbone['class']}, {backbone['params']:,} parameters, "
-          f"fingerprint {backbone['fingerprint']}")
+    print(
+        f"backbone  {backbone['class']}, {backbone['params']:,} parameters, "
+        f"fingerprint {backbone['fingerprint']}"
+    )
     print(f"budget    {summary['budget']} per task; {len(tasks)} tasks\n")
     print(f"{'task':<20} {'classes':>7} {'growth':>8} {'bytes':>12} {'mean rank':>9}  metrics")
     for task, t in tasks.items():
@@ -106,16 +146,23 @@ def _inspect(args: argparse.Namespace) -> int:
         growth = f"{t['growth']:.4f}" if isinstance(t["growth"], (int, float)) else "-"
         mean = f"{sum(ranks) / len(ranks):.1f}" if ranks else "-"
         metrics = ", ".join(f"{k}={v:g}" for k, v in t["metrics"].items())
-        print(f"{task:<20} {str(t['num_classes'] or '-'):>7} {growth:>8} {t['bytes']:>12,} "
-              f"{mean:>9}  {metrics}")
+        print(
+            f"{task:<20} {str(t['num_classes'] or '-'):>7} {growth:>8} {t['bytes']:>12,} "
+            f"{mean:>9}  {metrics}"
+        )
     layers = sorted({layer for t in tasks.values() for layer in t["ranks"]})
     if layers:
         width = max(len(layer) for layer in layers)
-        print("\nranks per layer\n" + f"{'layer':<{width}} "
-              + " ".join(f"{task[:8]:>8}" for task in tasks))
+        print(
+            "\nranks per layer\n"
+            + f"{'layer':<{width}} "
+            + " ".join(f"{task[:8]:>8}" for task in tasks)
+        )
         for layer in layers:
-            print(f"{layer:<{width}} " + " ".join(f"{tasks[t]['ranks'].get(layer, 0):>8}"
-                                                 for t in tasks))
+            print(
+                f"{layer:<{width}} "
+                + " ".join(f"{tasks[t]['ranks'].get(layer, 0):>8}" for t in tasks)
+            )
     return 0
 
 
@@ -153,14 +200,15 @@ def _export_lora(args: argparse.Namespace) -> int:
     handle = load(_backbone(args), args.source, tasks=[args.task], revision=args.revision)
     num_classes = handle._tasks[args.task].config.num_classes
     fresh = _backbone(args, num_classes=num_classes)
-    out = export_lora(handle, args.task, fresh, args.out, max_rank=args.max_rank,
-                      tolerance=args.tolerance)
+    out = export_lora(
+        handle, args.task, fresh, args.out, max_rank=args.max_rank, tolerance=args.tolerance
+    )
     print(f"wrote task {args.task!r} as a PEFT LoRA adapter: {out}")
     return 0
 
 
 # ---- building the backbone ---------------------------------------------------------------------
-def _backbone(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
+def _backbone(args: argparse.Namespace, num_classes: int | None = None) -> nn.Module:
     """The backbone named by --backbone; with `num_classes`, its head sized for a task (for
     formats that carry the head, such as a LoRA adapter's modules_to_save)."""
     try:
@@ -184,15 +232,20 @@ def _backbone(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn
             kwargs["num_classes"] = num_classes
         model = getattr(importlib.import_module(module), function)(**kwargs)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"`--backbone` {args.backbone!r} returned a "
-                            f"{type(model).__name__}, not a torch.nn.Module.")
+            raise TypeError(
+                f"`--backbone` {args.backbone!r} returned a "
+                f"{type(model).__name__}, not a torch.nn.Module."
+            )
         return model
-    raise ValueError(f"`--backbone` must be timm:NAME, hf:PATH_OR_ID or py:MODULE:FUNCTION, "
-                     f"got {args.backbone!r}.")
+    raise ValueError(
+        f"`--backbone` must be timm:NAME, hf:PATH_OR_ID or py:MODULE:FUNCTION, "
+        f"got {args.backbone!r}."
+    )
 
 
-def _transformers_backbone(args: argparse.Namespace, source: str, kwargs: dict[str, Any],
-                           num_classes: Optional[int]) -> nn.Module:
+def _transformers_backbone(
+    args: argparse.Namespace, source: str, kwargs: dict[str, Any], num_classes: int | None
+) -> nn.Module:
     from .hub import resolve_source
     from .storage import read_index
 
@@ -200,8 +253,10 @@ def _transformers_backbone(args: argparse.Namespace, source: str, kwargs: dict[s
     qualified = read_index(root, trusted)["backbone"]["class"]
     module, _, name = qualified.rpartition(".")
     if not module.startswith("transformers"):
-        raise ValueError(f"`--backbone` hf:... needs a shelf saved from a transformers model; "
-                         f"this one was saved from {qualified}.")
+        raise ValueError(
+            f"`--backbone` hf:... needs a shelf saved from a transformers model; "
+            f"this one was saved from {qualified}."
+        )
     cls = getattr(importlib.import_module(module), name)
     if num_classes is not None:
         kwargs["num_labels"] = num_classes

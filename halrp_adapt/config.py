@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft import PeftConfig
 
@@ -41,31 +41,37 @@ class HalrpConfig(PeftConfig):
         default=0.05,
         metadata={"help": "Most parameters a task may add, as a share of the backbone's (0, 1]."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Layers to adapt: a list of names (exact or dotted suffix) or one regex "
             "(full match). None adapts every supported layer except the classifier head."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Layers never to adapt, same forms as `target_modules`."},
     )
-    head_module: Optional[str] = field(
+    head_module: str | None = field(
         default=None,
-        metadata={"help": "Name of the classifier head; detected for timm, transformers and "
-                  "plain models when None."},
+        metadata={
+            "help": "Name of the classifier head; detected for timm, transformers and "
+            "plain models when None."
+        },
     )
     task_heads: bool = field(
         default=True,
-        metadata={"help": "Give each task its own classifier head. False keeps the head shared "
-                  "and frozen (e.g. a causal LM's tied `lm_head`)."},
+        metadata={
+            "help": "Give each task its own classifier head. False keeps the head shared "
+            "and frozen (e.g. a causal LM's tied `lm_head`)."
+        },
     )
     explained: float = field(
         default=0.9,
-        metadata={"help": "Share of the Fisher-weighted residual energy the ranks must explain "
-                  "(the reference's approxiRate), in (0, 1]."},
+        metadata={
+            "help": "Share of the Fisher-weighted residual energy the ranks must explain "
+            "(the reference's approxiRate), in (0, 1]."
+        },
     )
     upper_rank: int = field(default=100, metadata={"help": "Largest rank of any layer (>= 1)."})
     l1: float = field(default=1e-6, metadata={"help": "L1 weight on |A| + |B| (l1_hyp)."})
@@ -80,52 +86,68 @@ class HalrpConfig(PeftConfig):
     trial_epochs: int = field(
         default=1, metadata={"help": "Epochs of the trial fine-tune (estRank_epoch)."}
     )
-    trial_steps: Optional[int] = field(
+    trial_steps: int | None = field(
         default=None,
         metadata={"help": "Stop the trial fine-tune after this many steps (overrides epochs)."},
     )
     trial_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the trial."})
     svd: str = field(
         default="auto",
-        metadata={"help": "SVD of the residuals: 'full' (torch.linalg.svd), 'randomized' "
-                  "(torch.svd_lowrank), or 'auto' (randomized from `randomized_min_dim`)."},
+        metadata={
+            "help": "SVD of the residuals: 'full' (torch.linalg.svd), 'randomized' "
+            "(torch.svd_lowrank), or 'auto' (randomized from `randomized_min_dim`)."
+        },
     )
     randomized_min_dim: int = field(
         default=2048,
-        metadata={"help": "With svd='auto', layers whose smaller side is at least this use the "
-                  "randomized SVD."},
+        metadata={
+            "help": "With svd='auto', layers whose smaller side is at least this use the "
+            "randomized SVD."
+        },
     )
     train_base: bool = field(
         default=False,
-        metadata={"help": "The first task trains the backbone itself (the paper's from-scratch "
-                  "protocol); later tasks get adapters."},
+        metadata={
+            "help": "The first task trains the backbone itself (the paper's from-scratch "
+            "protocol); later tasks get adapters."
+        },
     )
 
     # ---- per task: written by save_pretrained, read when a task is loaded ----------------------
-    num_classes: Optional[int] = field(
-        default=None, metadata={"help": "Classes of this task's head (None: the backbone's head)."})
+    num_classes: int | None = field(
+        default=None, metadata={"help": "Classes of this task's head (None: the backbone's head)."}
+    )
     trains_base: bool = field(
-        default=False, metadata={"help": "This task trained the backbone itself (train_base)."})
+        default=False, metadata={"help": "This task trained the backbone itself (train_base)."}
+    )
     rank_pattern: dict[str, int] = field(
-        default_factory=dict, metadata={"help": "Rank of each adapted layer for this task."})
+        default_factory=dict, metadata={"help": "Rank of each adapted layer for this task."}
+    )
     sparse_pattern: dict[str, int] = field(
         default_factory=dict,
-        metadata={"help": "Nonzero count of each factor held compactly, keyed '<layer>.A'/'.B'."})
-    norm_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Normalisation layers with per-task copies (None: auto)."})
-    backbone_fingerprint: Optional[str] = field(
-        default=None, metadata={"help": "Fingerprint of the frozen backbone the task was made on."})
+        metadata={"help": "Nonzero count of each factor held compactly, keyed '<layer>.A'/'.B'."},
+    )
+    norm_modules: list[str] | None = field(
+        default=None, metadata={"help": "Normalisation layers with per-task copies (None: auto)."}
+    )
+    backbone_fingerprint: str | None = field(
+        default=None, metadata={"help": "Fingerprint of the frozen backbone the task was made on."}
+    )
     metrics: dict[str, float] = field(
-        default_factory=dict, metadata={"help": "Figures measured on this task, e.g. accuracy."})
+        default_factory=dict, metadata={"help": "Figures measured on this task, e.g. accuracy."}
+    )
     format_version: int = field(
-        default=FORMAT_VERSION, metadata={"help": "Version of halrp_adapt's file format."})
+        default=FORMAT_VERSION, metadata={"help": "Version of halrp_adapt's file format."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HalrpType.HALRP
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"`format_version` {self.format_version!r} is not supported by this "
-                             f"halrp_adapt (it reads version {FORMAT_VERSION}).")
+            raise ValueError(
+                f"`format_version` {self.format_version!r} is not supported by this "
+                f"halrp_adapt (it reads version {FORMAT_VERSION})."
+            )
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
         _check_number("explained", self.explained, low=0.0, high=1.0, low_open=True)
         for name in ("l1", "wd", "prune_floor", "trial_lr"):
@@ -151,18 +173,21 @@ class HalrpConfig(PeftConfig):
                 f"got {type(value).__name__}."
             )
         if self.head_module is not None and not isinstance(self.head_module, str):
-            raise TypeError(f"`head_module` must be a module name (str) or None, "
-                            f"got {type(self.head_module).__name__}.")
+            raise TypeError(
+                f"`head_module` must be a module name (str) or None, "
+                f"got {type(self.head_module).__name__}."
+            )
 
     @classmethod
     def option_names(cls) -> list[str]:
         """The user-facing options (not PEFT's bookkeeping nor the per-task fields)."""
-        skip = ({f.name for f in dataclasses.fields(PeftConfig)} | set(TASK_FIELDS)) - \
-            {"base_model_name_or_path"}
+        skip = ({f.name for f in dataclasses.fields(PeftConfig)} | set(TASK_FIELDS)) - {
+            "base_model_name_or_path"
+        }
         return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
 
     @classmethod
-    def from_options(cls, **options: Any) -> "HalrpConfig":
+    def from_options(cls, **options: Any) -> HalrpConfig:
         """Build a config from keyword options, naming any option that does not exist."""
         allowed = set(cls.option_names())
         unknown = sorted(set(options) - allowed)
@@ -174,12 +199,21 @@ class HalrpConfig(PeftConfig):
         return {name: getattr(self, name) for name in self.option_names()}
 
 
-TASK_FIELDS = ("num_classes", "trains_base", "rank_pattern", "sparse_pattern", "norm_modules",
-               "backbone_fingerprint", "metrics", "format_version")
+TASK_FIELDS = (
+    "num_classes",
+    "trains_base",
+    "rank_pattern",
+    "sparse_pattern",
+    "norm_modules",
+    "backbone_fingerprint",
+    "metrics",
+    "format_version",
+)
 
 
-def _check_number(name: str, value: Any, low: float, high: Optional[float],
-                  low_open: bool = False) -> None:
+def _check_number(
+    name: str, value: Any, low: float, high: float | None, low_open: bool = False
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
     too_low = value <= low if low_open else value < low

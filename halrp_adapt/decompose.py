@@ -28,14 +28,16 @@ def fit_scales(w_free: Tensor, w_base: Tensor, groups: int = 1) -> tuple[Tensor,
         ([2.0, 2.0], [1.0, 1.0])
     """
     if w_free.shape != w_base.shape or w_base.dim() != 3:
-        raise ValueError(f"canonical weights must share an (out, in, kernel) shape, got "
-                         f"{tuple(w_free.shape)} and {tuple(w_base.shape)}.")
+        raise ValueError(
+            f"canonical weights must share an (out, in, kernel) shape, got "
+            f"{tuple(w_free.shape)} and {tuple(w_base.shape)}."
+        )
     w_free, w_base = _as_float(w_free), _as_float(w_base)
-    r = (w_free * w_base).sum(dim=(1, 2)) / (w_base ** 2).sum(dim=(1, 2)).clamp(min=EPS)
+    r = (w_free * w_base).sum(dim=(1, 2)) / (w_base**2).sum(dim=(1, 2)).clamp(min=EPS)
     m, per_group, k = w_base.shape
     rw = (r[:, None, None] * w_base).view(groups, m // groups, per_group, k)
     wf = w_free.view(groups, m // groups, per_group, k)
-    s = (rw * wf).sum(dim=(1, 3)) / (rw ** 2).sum(dim=(1, 3)).clamp(min=EPS)
+    s = (rw * wf).sum(dim=(1, 3)) / (rw**2).sum(dim=(1, 3)).clamp(min=EPS)
     return r, s.reshape(-1)
 
 
@@ -55,8 +57,13 @@ class Spectrum(NamedTuple):
     energy: float
 
 
-def decompose(d: Tensor, method: str = "full", rank_cap: int | None = None,
-              oversample: int = 10, niter: int = 4) -> Spectrum:
+def decompose(
+    d: Tensor,
+    method: str = "full",
+    rank_cap: int | None = None,
+    oversample: int = 10,
+    niter: int = 4,
+) -> Spectrum:
     """SVD of the residual `d`: full (`torch.linalg.svd`) or randomized (`torch.svd_lowrank`).
 
     The randomized form returns only the leading `rank_cap + oversample` triplets; the energy

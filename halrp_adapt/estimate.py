@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +39,7 @@ def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int) -> 
 
 
 @torch.no_grad()
-def _adopt_trial_state(handle: "HalrpModel", task: str, trial_modules: dict[str, Any]) -> None:
+def _adopt_trial_state(handle: HalrpModel, task: str, trial_modules: dict[str, Any]) -> None:
     """The trial's biases, norms and head become the task's own."""
     for name, layer in handle.adapter_layers().items():
         bias = getattr(trial_modules[name], "bias", None)
@@ -48,13 +49,21 @@ def _adopt_trial_state(handle: "HalrpModel", task: str, trial_modules: dict[str,
         norm.halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
     head = handle.task_head()
     if head is not None:
+        assert handle.head_name is not None  # task_head() is None without a head name
         head.halrp_head[task].load_state_dict(trial_modules[handle.head_name].state_dict())
 
 
-def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
-                  loss_fn: Optional[LossFn], fisher_data: Optional[Iterable[Any]],
-                  epochs: Optional[int], steps: Optional[int],
-                  lr: Optional[float]) -> EstimateResult:
+def estimate_task(
+    handle: HalrpModel,
+    task: str,
+    data: Iterable[Any],
+    *,
+    loss_fn: LossFn | None,
+    fisher_data: Iterable[Any] | None,
+    epochs: int | None,
+    steps: int | None,
+    lr: float | None,
+) -> EstimateResult:
     cfg = handle.config
     loss_fn = loss_fn or default_loss
     layers = handle.adapter_layers()
@@ -70,17 +79,25 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
 
     # 1. Trial fine-tune of a plain copy of the task's model, every weight free.
     trial = handle.merge(task)
-    taken = trial_finetune(trial, data, loss_fn,
-                           epochs=cfg.trial_epochs if epochs is None else epochs,
-                           steps=cfg.trial_steps if steps is None else steps,
-                           lr=cfg.trial_lr if lr is None else lr)
+    taken = trial_finetune(
+        trial,
+        data,
+        loss_fn,
+        epochs=cfg.trial_epochs if epochs is None else epochs,
+        steps=cfg.trial_steps if steps is None else steps,
+        lr=cfg.trial_lr if lr is None else lr,
+    )
     trial_modules = dict(trial.named_modules())
     lap("trial")
 
     # 2. Empirical Fisher of each low-rank-capable layer, at the trial's weights.
     low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
-    fisher = empirical_fisher(trial, fisher_data if fisher_data is not None else data,
-                              {n: trial_modules[n].weight for n in low_rank}, loss_fn)
+    fisher = empirical_fisher(
+        trial,
+        fisher_data if fisher_data is not None else data,
+        {n: trial_modules[n].weight for n in low_rank},
+        loss_fn,
+    )
     lap("fisher")
 
     # 3-4. Scales by least squares, residual, SVD.
@@ -96,17 +113,26 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
             d = residual(w_free, w_base, r, s)
             method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim)
             spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank)
-            described.append(LayerSpectrum(name, spectra[name].S, spectra[name].energy,
-                                           fisher[name], layer.kernel_area,
-                                           layer.out_features, layer.in_features))
+            described.append(
+                LayerSpectrum(
+                    name,
+                    spectra[name].S,
+                    spectra[name].energy,
+                    fisher[name],
+                    layer.kernel_area,
+                    layer.out_features,
+                    layer.in_features,
+                )
+            )
         _adopt_trial_state(handle, task, trial_modules)
     del trial, trial_modules
     lap("decompose")
 
     # 5-6. Global choice by explained share, then fitted to the budget up front.
     caps = explained_ranks(described, cfg.explained, cfg.upper_rank)
-    stats = task_stats(task, layers, list(handle.task_norms().values()), None,
-                       handle.backbone_params, False)
+    stats = task_stats(
+        task, layers, list(handle.task_norms().values()), None, handle.backbone_params, False
+    )
     room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
     ranks = budget_ranks(described, caps, room)
 
@@ -116,6 +142,11 @@ def estimate_task(handle: "HalrpModel", task: str, data: Iterable[Any], *,
             A, B = factors_from_svd(spectra[name], rank)
             layers[name].set_low_rank(task, A, B)
     lap("allocate")
-    return EstimateResult(ranks=ranks, explained_ranks=caps, fisher=fisher,
-                          singular_values={n: s.S for n, s in spectra.items()},
-                          trial_steps=taken, seconds=seconds)
+    return EstimateResult(
+        ranks=ranks,
+        explained_ranks=caps,
+        fisher=fisher,
+        singular_values={n: s.S for n, s in spectra.items()},
+        trial_steps=taken,
+        seconds=seconds,
+    )

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from .model import HalrpModel
 
 
-def save_merged(handle: "HalrpModel", task: str, save_directory: str | os.PathLike) -> Path:
+def save_merged(handle: HalrpModel, task: str, save_directory: str | os.PathLike) -> Path:
     """Save task `task` merged into plain weights, in its library's own format.
 
     transformers models: `save_pretrained` (config.json + model.safetensors, `num_labels` set
@@ -25,18 +27,24 @@ def save_merged(handle: "HalrpModel", task: str, save_directory: str | os.PathLi
     root.mkdir(parents=True, exist_ok=True)
     num_classes = handle._tasks[task].config.num_classes
     if hasattr(plain, "save_pretrained") and hasattr(plain, "config"):
-        if num_classes is not None and hasattr(plain.config, "num_labels"):
-            plain.config.num_labels = num_classes
-        plain.save_pretrained(root)
+        hf_model = cast("PreTrainedModel", plain)
+        if num_classes is not None and hasattr(hf_model.config, "num_labels"):
+            hf_model.config.num_labels = num_classes
+        hf_model.save_pretrained(root)
     elif isinstance(getattr(plain, "pretrained_cfg", None), dict):
         from timm.models import save_for_hf
 
         overrides = {}
         if num_classes is not None:
-            plain.num_classes = num_classes  # timm keeps the head's size as an attribute
+            # timm keeps the head's size as an attribute; nn.Module's __setattr__ typing
+            # only admits Tensor | Module, but a plain attribute is fine at runtime.
+            plain.num_classes = num_classes  # type: ignore[assignment]
             overrides["num_classes"] = num_classes
-        save_for_hf(plain, root, model_config=overrides, safe_serialization=True)
+        # timm annotates `save_directory: str` but wraps it in Path() itself.
+        save_for_hf(plain, root, model_config=overrides, safe_serialization=True)  # type: ignore[arg-type]
     else:
-        save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()},
-                  str(root / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()},
+            str(root / "model.safetensors"),
+        )
     return root

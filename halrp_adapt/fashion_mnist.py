@@ -16,8 +16,18 @@ from torch.utils.data import TensorDataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SOURCES = ("auto", "full", "embedded")
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 class Split(NamedTuple):
@@ -42,8 +52,10 @@ def load_fashion_mnist(source: str = "auto") -> dict[str, Split]:
         raise ValueError(f"`source` must be one of {SOURCES}, got {source!r}.")
     full = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
     if source == "full" and not full:
-        raise FileNotFoundError(f"the full Fashion-MNIST is not in {DEBIAN_DIR}: "
-                                "apt-get install dataset-fashion-mnist, or use source='embedded'.")
+        raise FileNotFoundError(
+            f"the full Fashion-MNIST is not in {DEBIAN_DIR}: "
+            "apt-get install dataset-fashion-mnist, or use source='embedded'."
+        )
     if source == "full" or (source == "auto" and full):
         out = {}
         for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -53,8 +65,10 @@ def load_fashion_mnist(source: str = "auto") -> dict[str, Split]:
         return out
     with resources.files("halrp_adapt").joinpath("data/fashion_mnist_small.npz").open("rb") as f:
         arrays = np.load(f)
-        return {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int64))
-                for split in ("train", "test")}
+        return {
+            split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int64))
+            for split in ("train", "test")
+        }
 
 
 def class_subset(split: Split, classes: list[int], size: int = 28) -> TensorDataset:
@@ -63,8 +77,9 @@ def class_subset(split: Split, classes: list[int], size: int = 28) -> TensorData
     keep = np.isin(split.labels, classes)
     images = torch.from_numpy(split.images[keep].copy()).float().div_(255).unsqueeze(1)
     if size != 28:
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
-                                                 align_corners=False)
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        )
     lookup = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lookup[int(c)] for c in split.labels[keep]], dtype=torch.long)
     return TensorDataset(images.sub_(0.5).div_(0.5), labels)

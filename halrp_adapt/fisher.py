@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,8 +11,9 @@ from torch import nn
 from .losses import LossFn, batch_size
 
 
-def empirical_fisher(model: nn.Module, data: Iterable[Any], weights: dict[str, torch.Tensor],
-                     loss_fn: LossFn) -> dict[str, float]:
+def empirical_fisher(
+    model: nn.Module, data: Iterable[Any], weights: dict[str, torch.Tensor], loss_fn: LossFn
+) -> dict[str, float]:
     """One scalar per weight: `sum_b mean(grad_W^2) * |b| / n_batches`, as the reference.
 
     The model runs in eval mode and the loss uses the true labels. Only the weights' relative

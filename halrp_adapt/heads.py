@@ -9,7 +9,8 @@ task models use (`classifier`, `score`, `lm_head`, ...); for a plain module, its
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, cast
 
 from torch import nn
 
@@ -18,13 +19,15 @@ from .routing import TaskRouted
 HF_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "head", "fc", "last")
 
 
-def find_head(model: nn.Module, head_module: Optional[str] = None) -> Optional[str]:
+def find_head(model: nn.Module, head_module: str | None = None) -> str | None:
     """Return the dotted name of `model`'s classifier head, or None if it has none."""
     modules = dict(model.named_modules())
     if head_module is not None:
         if head_module not in modules or head_module == "":
-            raise ValueError(f"`head_module` {head_module!r} is not a module of the model; "
-                             f"top-level modules: {[n for n, _ in model.named_children()]}.")
+            raise ValueError(
+                f"`head_module` {head_module!r} is not a module of the model; "
+                f"top-level modules: {[n for n, _ in model.named_children()]}."
+            )
         return head_module
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("classifier"):
@@ -33,7 +36,7 @@ def find_head(model: nn.Module, head_module: Optional[str] = None) -> Optional[s
         if name in modules:
             return name
     if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+        head = cast(Callable[[], nn.Module], model.get_classifier)()
         for name, module in modules.items():
             if module is head and name:
                 return name
@@ -47,8 +50,7 @@ def find_head(model: nn.Module, head_module: Optional[str] = None) -> Optional[s
     return linears[-1] if linears else None
 
 
-def new_head(head: nn.Module, num_classes: Optional[int],
-             in_features: Optional[int] = None) -> nn.Module:
+def new_head(head: nn.Module, num_classes: int | None, in_features: int | None = None) -> nn.Module:
     """A copy of `head` whose last Linear outputs `num_classes` (a plain copy if None)."""
     fresh = copy.deepcopy(head)
     for p in fresh.parameters():
@@ -61,12 +63,20 @@ def new_head(head: nn.Module, num_classes: Optional[int],
             last_name, last = name, module
     if last is None:
         if in_features is None:
-            raise ValueError(f"cannot give a head of type {type(head).__name__} "
-                             f"{num_classes} classes: it has no nn.Linear; pass "
-                             "num_classes=None or choose another `head_module`.")
+            raise ValueError(
+                f"cannot give a head of type {type(head).__name__} "
+                f"{num_classes} classes: it has no nn.Linear; pass "
+                "num_classes=None or choose another `head_module`."
+            )
         return nn.Linear(in_features, num_classes)
-    replacement = nn.Linear(last.in_features, num_classes, bias=last.bias is not None,
-                            device=last.weight.device, dtype=last.weight.dtype)
+    replacement = nn.Linear(
+        last.in_features,
+        num_classes,
+        bias=last.bias is not None,
+        device=last.weight.device,
+        dtype=last.weight.dtype,
+    )
+    assert last_name is not None  # set together with `last`
     if last_name == "":
         return replacement
     parent_name, _, child = last_name.rpartition(".")
@@ -80,16 +90,16 @@ class TaskHead(TaskRouted):
 
     adapter_layer_names = ("halrp_head",)
 
-    def __init__(self, base_layer: nn.Module, in_features: Optional[int] = None) -> None:
+    def __init__(self, base_layer: nn.Module, in_features: int | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.halrp_head = nn.ModuleDict()
         self.in_features = in_features
 
-    def add_task(self, task: str, num_classes: Optional[int]) -> None:
+    def add_task(self, task: str, num_classes: int | None) -> None:
         self.halrp_head[task] = new_head(self.base_layer, num_classes, self.in_features)
 
-    def num_classes(self, task: str) -> Optional[int]:
+    def num_classes(self, task: str) -> int | None:
         linears = [m for m in self.halrp_head[task].modules() if isinstance(m, nn.Linear)]
         return linears[-1].out_features if linears else None
 
@@ -97,7 +107,7 @@ class TaskHead(TaskRouted):
         super().freeze_task(task)
         self.halrp_head[task].eval()
 
-    def train(self, mode: bool = True) -> "TaskHead":
+    def train(self, mode: bool = True) -> TaskHead:
         super().train(mode)
         for task in self.frozen_tasks:
             if task in self.halrp_head:

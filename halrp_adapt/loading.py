@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from .config import HalrpConfig
 from .model import HalrpModel
 from .serialization import backbone_fingerprint, load_task_tensors
-from .storage import (BASE_NAME, WEIGHTS_NAME, read_index, read_task_config, read_tensors,
-                      shared_index_lock)
+from .storage import (
+    BASE_NAME,
+    WEIGHTS_NAME,
+    read_index,
+    read_task_config,
+    read_tensors,
+    shared_index_lock,
+)
 
 
-def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
-         tasks: Optional[Sequence[str]] = None, revision: Optional[str] = None,
-         **hub_kwargs: Any) -> HalrpModel:
+def load(
+    model: nn.Module,
+    path_or_repo_id: str | os.PathLike,
+    tasks: Sequence[str] | None = None,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> HalrpModel:
     """Attach HALRP to `model` (if not yet) and restore `tasks` (default: all) from a folder or
     a Hugging Face Hub repo id; return the handle. Only the requested tasks' files are read
     (and downloaded, from the Hub, at `revision`).
@@ -42,27 +53,29 @@ def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
         names = list(index["tasks"]) if tasks is None else list(tasks)
         missing = [t for t in names if t not in index["tasks"]]
         if missing:
-            raise ValueError(f"`tasks`: {missing} are not in {path_or_repo_id}; it holds "
-                             f"{index['tasks']}.")
+            raise ValueError(
+                f"`tasks`: {missing} are not in {path_or_repo_id}; it holds {index['tasks']}."
+            )
         configs = {t: read_task_config(root, t, trusted) for t in names}
         tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
-        base = (read_tensors(root / BASE_NAME, trusted) if index.get("base_weights")
-                else None)
+        base = read_tensors(root / BASE_NAME, trusted) if index.get("base_weights") else None
 
     handle = HalrpModel.of(model)
     created = handle is None
     previous_base: dict[str, Any] = {}
-    if created:
+    if handle is None:  # same test as `created`, written so that `handle` is narrowed
         options = HalrpConfig.from_options(**index["options"])
         _check_backbone(model, options, index, base)
         if base is not None:
-            previous_base = {k: v.detach().clone() for k, v in model.state_dict().items()
-                             if k in base}
+            previous_base = {
+                k: v.detach().clone() for k, v in model.state_dict().items() if k in base
+            }
             model.load_state_dict(base, strict=False)
         handle = HalrpModel(model, options)
     elif backbone_fingerprint(handle) != index["backbone"]["fingerprint"]:
-        raise ValueError(f"{path_or_repo_id} was saved on another backbone than the one "
-                         "attached to `model`.")
+        raise ValueError(
+            f"{path_or_repo_id} was saved on another backbone than the one attached to `model`."
+        )
     added: list[str] = []
     try:
         for name in names:
@@ -78,8 +91,9 @@ def load(model: nn.Module, path_or_repo_id: str | os.PathLike,
     return handle
 
 
-def _check_backbone(model: nn.Module, options: HalrpConfig, index: dict[str, Any],
-                    base: Optional[dict[str, Any]]) -> None:
+def _check_backbone(
+    model: nn.Module, options: HalrpConfig, index: dict[str, Any], base: dict[str, Any] | None
+) -> None:
     """Raise ValueError, before anything changes, if `model` is not the shelf's backbone."""
     from .heads import find_head
     from .serialization import backbone_state
@@ -89,12 +103,15 @@ def _check_backbone(model: nn.Module, options: HalrpConfig, index: dict[str, Any
     expected_class = index["backbone"]["class"]
     here_class = f"{type(model).__module__}.{type(model).__qualname__}"
     if base is not None:
-        wrong = [k for k, v in base.items() if k not in state or tuple(state[k].shape) !=
-                 tuple(v.shape)]
+        wrong = [
+            k for k, v in base.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)
+        ]
         if wrong or len(base) != len(state):
-            raise ValueError(f"the shelf's backbone weights ({BASE_NAME}) do not fit `model` "
-                             f"({here_class}, saved from {expected_class}): first mismatch "
-                             f"{(wrong or sorted(set(state) - set(base)))[:3]}.")
+            raise ValueError(
+                f"the shelf's backbone weights ({BASE_NAME}) do not fit `model` "
+                f"({here_class}, saved from {expected_class}): first mismatch "
+                f"{(wrong or sorted(set(state) - set(base)))[:3]}."
+            )
         return
     here = backbone_fingerprint(model, head)
     if here != index["backbone"]["fingerprint"]:
@@ -102,4 +119,5 @@ def _check_backbone(model: nn.Module, options: HalrpConfig, index: dict[str, Any
             f"`model` is not the backbone these tasks were saved on: it is a {here_class} "
             f"whose frozen weights have fingerprint {here[:12]}..., the shelf was saved from a "
             f"{expected_class} with fingerprint {index['backbone']['fingerprint'][:12]}... "
-            "(another architecture, other pretrained weights, or a changed model).")
+            "(another architecture, other pretrained weights, or a changed model)."
+        )

@@ -18,7 +18,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +33,14 @@ class LoraExportError(ValueError):
     """The task's change cannot be written exactly as a LoRA adapter; the message says why."""
 
 
-def export_lora(handle: "HalrpModel", task: str, backbone: nn.Module,
-                save_directory: str | os.PathLike, max_rank: Optional[int] = None,
-                tolerance: float = 1e-6) -> Path:
+def export_lora(
+    handle: HalrpModel,
+    task: str,
+    backbone: nn.Module,
+    save_directory: str | os.PathLike,
+    max_rank: int | None = None,
+    tolerance: float = 1e-6,
+) -> Path:
     """Write task `task` of `handle` as a PEFT LoRA adapter folder built on `backbone`, a fresh
     copy of the same backbone (with a head of the task's size if the task has its own head).
 
@@ -49,25 +54,32 @@ def export_lora(handle: "HalrpModel", task: str, backbone: nn.Module,
     from peft import LoraConfig, get_peft_model
 
     handle._info(task)
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
-                                 or max_rank < 1):
+    if max_rank is not None and (
+        isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1
+    ):
         raise ValueError(f"`max_rank` must be None or an int >= 1, got {max_rank!r}.")
     factors, biases = _layer_changes(handle, task, max_rank, tolerance)
     norms, head = handle.task_norms(), handle.task_head()
-    keep = list(norms) + ([handle.head_name] if head is not None else [])
+    keep = list(norms)
+    if head is not None:
+        assert handle.head_name is not None  # task_head() is None without a head name
+        keep.append(handle.head_name)
     names = sorted(set(factors) | set(biases))
     if not names:
         raise LoraExportError(f"task {task!r} changes no adaptable layer; nothing to export.")
     ranks = {n: factors[n][0].shape[0] if n in factors else 1 for n in names}
     config = LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(ranks.values()),
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
         target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
         rank_pattern={f"^{re.escape(n)}": ranks[n] for n in names},
         alpha_pattern={f"^{re.escape(n)}": ranks[n] for n in names},  # scale alpha / r = 1
-        bias="lora_only" if biases else "none", modules_to_save=keep or None,
-        init_lora_weights=False)
+        bias="lora_only" if biases else "none",
+        modules_to_save=keep or None,
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(backbone, config)
-    modules = dict(peft_model.base_model.model.named_modules())
+    modules = dict(cast(nn.Module, peft_model.base_model.model).named_modules())
     with torch.no_grad():
         for name in names:
             layer = modules[name]
@@ -78,14 +90,19 @@ def export_lora(handle: "HalrpModel", task: str, backbone: nn.Module,
             if name in biases:
                 layer.get_base_layer().bias.copy_(biases[name])
         for name in keep:
-            own = norms[name].halrp_norm[task] if name in norms else head.halrp_head[task]
+            if name in norms:
+                own = norms[name].halrp_norm[task]
+            else:
+                assert head is not None  # the only entry of `keep` that is not a norm is the head
+                own = head.halrp_head[task]
             modules[name].modules_to_save[ADAPTER] = copy.deepcopy(own)
     peft_model.save_pretrained(str(save_directory))
     return Path(save_directory)
 
 
-def _layer_changes(handle: "HalrpModel", task: str, max_rank: Optional[int],
-                   tolerance: float) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+def _layer_changes(
+    handle: HalrpModel, task: str, max_rank: int | None, tolerance: float
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
     """{layer: (A, B)} for every layer whose weight the task changes, {layer: bias} for every
     layer whose bias it changes; LoraExportError for a change LoRA cannot hold exactly."""
     factors, biases, refused = {}, {}, []
@@ -99,23 +116,32 @@ def _layer_changes(handle: "HalrpModel", task: str, max_rank: Optional[int],
             if not bool(delta.abs().max() > 0):
                 continue
             if layer.groups > 1:
-                refused.append(f"{name}: a grouped conv (groups={layer.groups}) that the task "
-                               "rescales; PEFT's LoRA factorises dense kernels only")
+                refused.append(
+                    f"{name}: a grouped conv (groups={layer.groups}) that the task "
+                    "rescales; PEFT's LoRA factorises dense kernels only"
+                )
                 continue
             matrix = _as_lora_matrix(layer.base_layer, delta)
             U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
             rank = int((S > tolerance * S[0]).sum())
             if max_rank is not None and rank > max_rank:
-                refused.append(f"{name}: the change has numerical rank {rank} (the scales r, s "
-                               f"make it so), above `max_rank`={max_rank}")
+                refused.append(
+                    f"{name}: the change has numerical rank {rank} (the scales r, s "
+                    f"make it so), above `max_rank`={max_rank}"
+                )
                 continue
             root = S[:rank].sqrt()
-            factors[name] = ((root[:, None] * Vh[:rank]).to(layer.weight.dtype),
-                             (U[:, :rank] * root[None, :]).to(layer.weight.dtype))
+            factors[name] = (
+                (root[:, None] * Vh[:rank]).to(layer.weight.dtype),
+                (U[:, :rank] * root[None, :]).to(layer.weight.dtype),
+            )
     if refused:
-        raise LoraExportError(f"task {task!r} cannot be written exactly as LoRA: "
-                              + "; ".join(refused) + ". Use `merge` for a plain model, or "
-                              "raise `max_rank`.")
+        raise LoraExportError(
+            f"task {task!r} cannot be written exactly as LoRA: "
+            + "; ".join(refused)
+            + ". Use `merge` for a plain model, or "
+            "raise `max_rank`."
+        )
     return factors, biases
 
 

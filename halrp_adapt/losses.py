@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,10 @@ def logits_of(output: Any) -> Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
-                    "pass `loss_fn(model, batch)`.")
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; "
+        "pass `loss_fn(model, batch)`."
+    )
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -63,14 +65,18 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, Mapping):
         key = next((k for k in LABEL_KEYS if k in batch), None)
         if key is None:
-            raise ValueError(f"a dict batch needs one of the keys {LABEL_KEYS} for the default "
-                             "loss; pass `loss_fn(model, batch)` otherwise.")
+            raise ValueError(
+                f"a dict batch needs one of the keys {LABEL_KEYS} for the default "
+                "loss; pass `loss_fn(model, batch)` otherwise."
+            )
         labels = batch[key]
         logits = logits_of(model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS}))
     elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
         labels = batch[1]
         logits = logits_of(model(batch[0]))
     else:
-        raise TypeError("the default loss takes batches `(inputs, labels)` or dicts with "
-                        f"'labels'; got {type(batch).__name__}. Pass `loss_fn(model, batch)`.")
+        raise TypeError(
+            "the default loss takes batches `(inputs, labels)` or dicts with "
+            f"'labels'; got {type(batch).__name__}. Pass `loss_fn(model, batch)`."
+        )
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 
 def _check(matrix: Sequence[Sequence[float]]) -> int:
     t = len(matrix)
     if t == 0 or any(len(row) < i + 1 for i, row in enumerate(matrix)):
-        raise ValueError("the accuracy matrix must have T rows, row i holding at least i + 1 "
-                         "accuracies.")
+        raise ValueError(
+            "the accuracy matrix must have T rows, row i holding at least i + 1 accuracies."
+        )
     return t
 
 
@@ -45,8 +46,9 @@ def forgetting(matrix: Sequence[Sequence[float]]) -> float:
     t = _check(matrix)
     if t == 1:
         return 0.0
-    return sum(max(matrix[i][j] for i in range(j, t)) - matrix[t - 1][j]
-               for j in range(t - 1)) / (t - 1)
+    return sum(max(matrix[i][j] for i in range(j, t)) - matrix[t - 1][j] for j in range(t - 1)) / (
+        t - 1
+    )
 
 
 def order_robustness(final_by_order: Sequence[Mapping[str, float]]) -> dict[str, object]:
@@ -62,6 +64,8 @@ def order_robustness(final_by_order: Sequence[Mapping[str, float]]) -> dict[str,
     identities = set(final_by_order[0])
     if any(set(run) != identities for run in final_by_order):
         raise ValueError("every order must hold the same task identities.")
-    opd = {t: max(run[t] for run in final_by_order) - min(run[t] for run in final_by_order)
-           for t in sorted(identities)}
+    opd = {
+        t: max(run[t] for run in final_by_order) - min(run[t] for run in final_by_order)
+        for t in sorted(identities)
+    }
     return {"OPD": opd, "MOPD": max(opd.values()), "AOPD": sum(opd.values()) / len(opd)}

@@ -8,7 +8,8 @@ alone on its samples (in eval mode; in train mode batch statistics are per task 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -16,11 +17,16 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .model import HalrpModel
 
-TaskIds = Union[Tensor, Sequence[int], Sequence[str]]
+TaskIds = Tensor | Sequence[int] | Sequence[str]
 
 
-def forward_tasks(handle: "HalrpModel", task_ids: TaskIds, *args: Any,
-                  fill_value: float = float("-inf"), **kwargs: Any) -> Tensor:
+def forward_tasks(
+    handle: HalrpModel,
+    task_ids: TaskIds,
+    *args: Any,
+    fill_value: float = float("-inf"),
+    **kwargs: Any,
+) -> Tensor:
     """Run each sample of the batch through its own task; return the stacked outputs (logits).
 
     `task_ids` holds one entry per sample: an index into `handle.tasks` or a task name. When
@@ -52,31 +58,35 @@ def forward_tasks(handle: "HalrpModel", task_ids: TaskIds, *args: Any,
     first = pieces[0][1]
     result = first.new_full((batch, *first.shape[1:-1], width), fill_value)
     for rows, out in pieces:
-        result[rows.to(result.device), ..., :out.shape[-1]] = out
+        result[rows.to(result.device), ..., : out.shape[-1]] = out
     return result
 
 
-def _task_indices(handle: "HalrpModel", task_ids: TaskIds, batch: int) -> Tensor:
+def _task_indices(handle: HalrpModel, task_ids: TaskIds, batch: int) -> Tensor:
     names = handle.tasks
     if isinstance(task_ids, Tensor):
         ids = task_ids.detach().to("cpu").reshape(-1)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"`task_ids` must hold integer task indices or task names, got a "
-                            f"{ids.dtype} tensor.")
+            raise TypeError(
+                f"`task_ids` must hold integer task indices or task names, got a "
+                f"{ids.dtype} tensor."
+            )
     else:
         values = list(task_ids)
         if values and all(isinstance(v, str) for v in values):
-            unknown = sorted({v for v in values if v not in names})
+            task_names = cast(list[str], values)
+            unknown = sorted({v for v in task_names if v not in names})
             if unknown:
                 raise ValueError(f"`task_ids`: unknown tasks {unknown}; known tasks: {names}.")
-            values = [names.index(v) for v in values]
+            values = [names.index(v) for v in task_names]
         ids = torch.tensor(values, dtype=torch.long)
     if ids.numel() != batch:
-        raise ValueError(f"`task_ids` must hold one entry per sample ({batch}), got "
-                         f"{ids.numel()}.")
+        raise ValueError(f"`task_ids` must hold one entry per sample ({batch}), got {ids.numel()}.")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
-        raise ValueError(f"`task_ids` must be in [0, {len(names)}) (indices into "
-                         f"handle.tasks: {names}), got {ids.tolist()}.")
+        raise ValueError(
+            f"`task_ids` must be in [0, {len(names)}) (indices into "
+            f"handle.tasks: {names}), got {ids.tolist()}."
+        )
     return ids.long()
 
 

@@ -13,9 +13,11 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +42,7 @@ class TaskInfo:
     name: str
     config: HalrpConfig
     finished: bool = False
-    estimate: Optional[Any] = field(default=None, repr=False)
+    estimate: Any | None = field(default=None, repr=False)
 
     @property
     def trains_base(self) -> bool:
@@ -51,10 +53,10 @@ class _HandleRef:
     """The model's link back to its handle: not a submodule, and dropped by deepcopy (a merged
     copy of the model has no handle)."""
 
-    def __init__(self, handle: Optional["HalrpModel"]) -> None:
+    def __init__(self, handle: HalrpModel | None) -> None:
         self.handle = handle
 
-    def __deepcopy__(self, memo: dict) -> "_HandleRef":
+    def __deepcopy__(self, memo: dict) -> _HandleRef:
         return _HandleRef(None)
 
     def __reduce__(self) -> tuple:
@@ -77,8 +79,10 @@ class HalrpModel(nn.Module):
     def __init__(self, model: nn.Module, config: HalrpConfig) -> None:
         super().__init__()
         if any(isinstance(m, TaskRouted) for m in model.modules()):
-            raise ValueError("`model` already has HALRP adapters attached; attach once and use "
-                             "add_task for new tasks.")
+            raise ValueError(
+                "`model` already has HALRP adapters attached; attach once and use "
+                "add_task for new tasks."
+            )
         self.model = model
         self.config = config
         self._tasks: dict[str, TaskInfo] = {}
@@ -97,7 +101,9 @@ class HalrpModel(nn.Module):
             p.requires_grad_(False)
         for name in targets:
             module = model.get_submodule(name)
-            _replace(model, name, adapter_class_for(module)(module))
+            adapter_cls = adapter_class_for(module)
+            assert adapter_cls is not None  # select_targets keeps only adaptable layers
+            _replace(model, name, adapter_cls(module))
         for name in norms:
             _replace(model, name, TaskNorm(model.get_submodule(name)))
         if head is not None and not head_is_shared:
@@ -106,12 +112,13 @@ class HalrpModel(nn.Module):
         # The wrappers never change after this, and walking named_modules() would also walk
         # every task's norm and head copies: keep them by name.
         self._routed_by_name: dict[str, TaskRouted] = {
-            n: m for n, m in model.named_modules() if isinstance(m, TaskRouted)}
+            n: m for n, m in model.named_modules() if isinstance(m, TaskRouted)
+        }
         self._check_budget_covers_fixed_cost()
         model.__dict__["_halrp_handle_ref"] = _HandleRef(self)
 
     @staticmethod
-    def of(model: nn.Module) -> Optional["HalrpModel"]:
+    def of(model: nn.Module) -> HalrpModel | None:
         """The handle attached to `model`, if any."""
         ref = model.__dict__.get("_halrp_handle_ref")
         handle = ref.handle if ref is not None else None
@@ -124,12 +131,12 @@ class HalrpModel(nn.Module):
         return list(self._tasks)
 
     @property
-    def open_task(self) -> Optional[str]:
+    def open_task(self) -> str | None:
         """The task being trained (added, not yet ended), if any."""
         return next((n for n, t in self._tasks.items() if not t.finished), None)
 
     @property
-    def active_task(self) -> Optional[str]:
+    def active_task(self) -> str | None:
         """The task the next forward runs (None: the frozen backbone)."""
         for module in self._routed():
             return module.active_task
@@ -142,7 +149,7 @@ class HalrpModel(nn.Module):
     def task_norms(self) -> dict[str, TaskNorm]:
         return {n: m for n, m in self._routed_by_name.items() if isinstance(m, TaskNorm)}
 
-    def task_head(self) -> Optional[TaskHead]:
+    def task_head(self) -> TaskHead | None:
         head = self.model.get_submodule(self.head_name) if self.head_name else None
         return head if isinstance(head, TaskHead) else None
 
@@ -161,7 +168,7 @@ class HalrpModel(nn.Module):
         return self._tasks[task]
 
     # ---- the task life cycle -----------------------------------------------------------------
-    def add_task(self, name: str, num_classes: Optional[int] = None) -> None:
+    def add_task(self, name: str, num_classes: int | None = None) -> None:
         """Add task `name` with identity scales, the base biases and norms, and its own head.
 
         `num_classes` sizes the task's head; None copies the backbone's head as it is.
@@ -171,19 +178,20 @@ class HalrpModel(nn.Module):
         if name in self._tasks:
             raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
         if self.open_task is not None:
-            raise RuntimeError(f"task {self.open_task!r} is still in training: call end_task() "
-                               "before add_task().")
+            raise RuntimeError(
+                f"task {self.open_task!r} is still in training: call end_task() before add_task()."
+            )
         head = self.task_head()
         if num_classes is not None:
-            if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
-                    or num_classes < 1:
-                raise ValueError(f"`num_classes` must be an int >= 1 or None, got "
-                                 f"{num_classes!r}.")
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+                raise ValueError(f"`num_classes` must be an int >= 1 or None, got {num_classes!r}.")
             if head is None:
-                raise ValueError("`num_classes` was given but the model has no per-task head "
-                                 "(none found, or task_heads=False, or a head tied to the "
-                                 "embeddings); set `head_module` in attach or pass "
-                                 "num_classes=None.")
+                raise ValueError(
+                    "`num_classes` was given but the model has no per-task head "
+                    "(none found, or task_heads=False, or a head tied to the "
+                    "embeddings); set `head_module` in attach or pass "
+                    "num_classes=None."
+                )
         trains_base = self.config.train_base and not self._tasks
         for layer in self.adapter_layers().values():
             layer.add_task(name, scales=not trains_base)
@@ -191,9 +199,15 @@ class HalrpModel(nn.Module):
             norm.add_task(name)
         if head is not None:
             head.add_task(name, num_classes)
-        config = dataclasses.replace(self.config, num_classes=num_classes,
-                                     trains_base=trains_base, inference_mode=False,
-                                     rank_pattern={}, sparse_pattern={}, metrics={})
+        config = dataclasses.replace(
+            self.config,
+            num_classes=num_classes,
+            trains_base=trains_base,
+            inference_mode=False,
+            rank_pattern={},
+            sparse_pattern={},
+            metrics={},
+        )
         self._tasks[name] = TaskInfo(name, config)
         self._make_trainable(name)
         self.set_task(name)
@@ -216,8 +230,11 @@ class HalrpModel(nn.Module):
             layer.add_task(name, scales=not config.trains_base)
             rank = config.rank_pattern.get(layer_name, 0)
             if rank:
-                layer.add_factor_skeleton(name, rank, {
-                    which: config.sparse_pattern.get(f"{layer_name}.{which}") for which in "AB"})
+                layer.add_factor_skeleton(
+                    name,
+                    rank,
+                    {which: config.sparse_pattern.get(f"{layer_name}.{which}") for which in "AB"},
+                )
         for norm in self.task_norms().values():
             norm.add_task(name)
         if head is not None:
@@ -242,24 +259,32 @@ class HalrpModel(nn.Module):
                 raise ValueError(
                     f"the task was saved on another backbone (fingerprint "
                     f"{config.backbone_fingerprint[:12]}..., this model's is {here[:12]}...): "
-                    "load it into the same pretrained weights it was trained on.")
+                    "load it into the same pretrained weights it was trained on."
+                )
         layers = self.adapter_layers()
         unknown = sorted(set(config.rank_pattern) - set(layers))
         if unknown:
-            raise ValueError(f"the task adapts layers this model does not have or does not "
-                             f"adapt: {unknown[:5]}; adapted here: {list(layers)[:5]}...")
+            raise ValueError(
+                f"the task adapts layers this model does not have or does not "
+                f"adapt: {unknown[:5]}; adapted here: {list(layers)[:5]}..."
+            )
         for key in config.sparse_pattern:
             layer, _, which = key.rpartition(".")
             if which not in ("A", "B") or layer not in config.rank_pattern:
                 raise ValueError(f"`sparse_pattern` key {key!r} names no factor of the task.")
-        if config.norm_modules is not None and sorted(config.norm_modules) != \
-                sorted(self.task_norms()):
-            raise ValueError("the task was saved with per-task norms in other layers: "
-                             f"{sorted(config.norm_modules)[:5]} vs "
-                             f"{sorted(self.task_norms())[:5]}.")
+        if config.norm_modules is not None and sorted(config.norm_modules) != sorted(
+            self.task_norms()
+        ):
+            raise ValueError(
+                "the task was saved with per-task norms in other layers: "
+                f"{sorted(config.norm_modules)[:5]} vs "
+                f"{sorted(self.task_norms())[:5]}."
+            )
         if config.num_classes is not None and self.task_head() is None:
-            raise ValueError("the task has its own head of "
-                             f"{config.num_classes} classes but this model has no per-task head.")
+            raise ValueError(
+                "the task has its own head of "
+                f"{config.num_classes} classes but this model has no per-task head."
+            )
 
     def task_config(self, name: str) -> HalrpConfig:
         """Task `name`'s config, brought up to date with its current shapes."""
@@ -269,10 +294,13 @@ class HalrpModel(nn.Module):
     def _refresh_task_config(self, name: str) -> HalrpConfig:
         config = self._tasks[name].config
         layers = self.adapter_layers()
-        config.rank_pattern = {n: l.rank(name) for n, l in layers.items() if l.rank(name)}
-        config.sparse_pattern = {f"{n}.{which}": getattr(l, f"halrp_{which}_values")[name].numel()
-                                 for n, l in layers.items() for which in "AB"
-                                 if name in getattr(l, f"halrp_{which}_values")}
+        config.rank_pattern = {n: ly.rank(name) for n, ly in layers.items() if ly.rank(name)}
+        config.sparse_pattern = {
+            f"{n}.{which}": getattr(ly, f"halrp_{which}_values")[name].numel()
+            for n, ly in layers.items()
+            for which in "AB"
+            if name in getattr(ly, f"halrp_{which}_values")
+        }
         config.target_modules = "|".join(re.escape(n) for n in layers)
         config.exclude_modules = None
         config.norm_modules = list(self.task_norms())
@@ -290,10 +318,16 @@ class HalrpModel(nn.Module):
             module.remove_task(name)
         del self._tasks[name]
 
-    def estimate_ranks(self, data: Iterable[Any], *, loss_fn: Optional[LossFn] = None,
-                       fisher_data: Optional[Iterable[Any]] = None,
-                       epochs: Optional[int] = None, steps: Optional[int] = None,
-                       lr: Optional[float] = None) -> dict[str, int]:
+    def estimate_ranks(
+        self,
+        data: Iterable[Any],
+        *,
+        loss_fn: LossFn | None = None,
+        fisher_data: Iterable[Any] | None = None,
+        epochs: int | None = None,
+        steps: int | None = None,
+        lr: float | None = None,
+    ) -> dict[str, int]:
         """Choose the open task's ranks and initialise its scales and factors (the paper's way).
 
         A copy of the model is fine-tuned freely on `data` (`epochs`/`steps`, default from the
@@ -312,11 +346,21 @@ class HalrpModel(nn.Module):
         _check_positive_or_none("lr", lr, float)
         info = self._require_open("estimate_ranks()")
         if info.trains_base:
-            raise RuntimeError(f"task {info.name!r} trains the backbone itself "
-                               "(train_base=True): there is nothing to estimate; train it, "
-                               "then end_task().")
-        result = estimate_task(self, info.name, data, loss_fn=loss_fn, fisher_data=fisher_data,
-                               epochs=epochs, steps=steps, lr=lr)
+            raise RuntimeError(
+                f"task {info.name!r} trains the backbone itself "
+                "(train_base=True): there is nothing to estimate; train it, "
+                "then end_task()."
+            )
+        result = estimate_task(
+            self,
+            info.name,
+            data,
+            loss_fn=loss_fn,
+            fisher_data=fisher_data,
+            epochs=epochs,
+            steps=steps,
+            lr=lr,
+        )
         info.estimate = result
         self._make_trainable(info.name)
         self._refresh_task_config(info.name)
@@ -368,7 +412,7 @@ class HalrpModel(nn.Module):
         self._refresh_task_config(task)
         return self.task_stats(task)
 
-    def set_task(self, name: Optional[str]) -> None:
+    def set_task(self, name: str | None) -> None:
         """Route every forward through task `name` (None: the frozen backbone)."""
         if name is not None:
             self._info(name)
@@ -376,7 +420,7 @@ class HalrpModel(nn.Module):
             module.set_active_task(name)
 
     @contextlib.contextmanager
-    def task(self, name: Optional[str]) -> Iterator["HalrpModel"]:
+    def task(self, name: str | None) -> Iterator[HalrpModel]:
         """`with handle.task(name):` runs the block with `name` active, then restores."""
         previous = self.active_task
         self.set_task(name)
@@ -428,15 +472,26 @@ class HalrpModel(nn.Module):
         """Ranks, parameter counts by kind and growth of task `name` alone (`report()` gives
         every task's)."""
         info = self._info(name)
-        return task_stats(name, self.adapter_layers(), list(self.task_norms().values()),
-                          self.task_head(), self.backbone_params, info.finished)
+        return task_stats(
+            name,
+            self.adapter_layers(),
+            list(self.task_norms().values()),
+            self.task_head(),
+            self.backbone_params,
+            info.finished,
+        )
 
     def report(self) -> HalrpReport:
         """Per-task ranks, parameter counts by kind, and growth over the backbone."""
-        layers, norms, head = self.adapter_layers(), list(self.task_norms().values()), \
-            self.task_head()
-        stats = {name: task_stats(name, layers, norms, head, self.backbone_params, info.finished)
-                 for name, info in self._tasks.items()}
+        layers, norms, head = (
+            self.adapter_layers(),
+            list(self.task_norms().values()),
+            self.task_head(),
+        )
+        stats = {
+            name: task_stats(name, layers, norms, head, self.backbone_params, info.finished)
+            for name, info in self._tasks.items()
+        }
         return HalrpReport(self.backbone_params, self.config.budget, stats)
 
     def record_metrics(self, name: str, **figures: float) -> None:
@@ -445,8 +500,12 @@ class HalrpModel(nn.Module):
         self._info(name).config.metrics.update({k: float(v) for k, v in figures.items()})
 
     # ---- files, Hub, export ------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, tasks: Optional[list[str]] = None,
-                        dtype: str = "float32") -> list[str]:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        tasks: list[str] | None = None,
+        dtype: str = "float32",
+    ) -> list[str]:
         """Save each task (default: every finished one) as its own PEFT adapter folder.
 
         `save_directory/<task>/adapter_model.safetensors` + `adapter_config.json`, and the
@@ -462,9 +521,15 @@ class HalrpModel(nn.Module):
 
         return save_pretrained(self, save_directory, tasks=tasks, dtype=dtype)
 
-    def push_to_hub(self, repo_id: str, tasks: Optional[list[str]] = None,
-                    private: Optional[bool] = None, commit_message: Optional[str] = None,
-                    token: Optional[str] = None, dtype: str = "float32") -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        tasks: list[str] | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        dtype: str = "float32",
+    ) -> Any:
         """Upload tasks (default: every finished one) to the Hub in one commit, keeping the
         tasks already there, with a model card. Returns the commit info.
 
@@ -474,8 +539,15 @@ class HalrpModel(nn.Module):
         """
         from .hub import push_to_hub
 
-        return push_to_hub(self, repo_id, tasks=tasks, private=private,
-                           commit_message=commit_message, token=token, dtype=dtype)
+        return push_to_hub(
+            self,
+            repo_id,
+            tasks=tasks,
+            private=private,
+            commit_message=commit_message,
+            token=token,
+            dtype=dtype,
+        )
 
     def save_merged(self, name: str, save_directory: str) -> Any:
         """Save task `name` merged into a plain model that loads without halrp_adapt
@@ -492,8 +564,9 @@ class HalrpModel(nn.Module):
             return self.forward_tasks(task_ids, *args, **kwargs)
         return self.model(*args, **kwargs)
 
-    def forward_tasks(self, task_ids: Any, *args: Any, fill_value: float = float("-inf"),
-                      **kwargs: Any) -> Tensor:
+    def forward_tasks(
+        self, task_ids: Any, *args: Any, fill_value: float = float("-inf"), **kwargs: Any
+    ) -> Tensor:
         """Each sample through its own task in one forward per task present; see
         `halrp_adapt.mixed.forward_tasks`."""
         from .mixed import forward_tasks
@@ -521,19 +594,25 @@ class HalrpModel(nn.Module):
         for module in self._routed():
             skip.update(id(p) for p in module.parameters())
             if isinstance(module, HalrpLayer):
-                keep.append(module.weight)
+                keep.append(cast(nn.Parameter, module.weight))
         return keep + [p for p in self.model.parameters() if id(p) not in skip]
 
     def _prune(self, task: str, layers: dict[str, HalrpLayer]) -> None:
         """Zero the smallest factor entries so the task stays within its budget, in parameters
         and in bytes: when the dense factors alone exceed what the budget leaves, the kept
         entries also pay for the 1-bit-per-entry mask of their compact form (`sparse.py`)."""
-        factors = [d[task] for layer in layers.values()
-                   for d in (layer.halrp_A, layer.halrp_B) if task in d]
-        stats = task_stats(task, layers, list(self.task_norms().values()), None,
-                           self.backbone_params, False)
-        room = math.floor(self.config.budget * self.backbone_params) - \
-            (stats.stored_params - stats.low_rank_params)
+        factors = [
+            d[task]
+            for layer in layers.values()
+            for d in (layer.halrp_A, layer.halrp_B)
+            if task in d
+        ]
+        stats = task_stats(
+            task, layers, list(self.task_norms().values()), None, self.backbone_params, False
+        )
+        room = math.floor(self.config.budget * self.backbone_params) - (
+            stats.stored_params - stats.low_rank_params
+        )
         dense = sum(f.numel() for f in factors)
         keep = room if dense <= room else room - math.ceil(dense / 32)
         prune_(factors, prune_threshold(factors, keep, self.config.prune_floor))
@@ -552,18 +631,20 @@ class HalrpModel(nn.Module):
                 norm.base_layer.load_state_dict(norm.halrp_norm[task].state_dict())
 
     def _check_budget_covers_fixed_cost(self) -> None:
-        fixed = fixed_task_cost(list(self.adapter_layers().values()),
-                                list(self.task_norms().values()))
+        fixed = fixed_task_cost(
+            list(self.adapter_layers().values()), list(self.task_norms().values())
+        )
         allowed = self.config.budget * self.backbone_params
         if fixed > allowed:
             raise ValueError(
                 f"`budget`={self.config.budget} allows {allowed:,.0f} parameters per task, "
                 f"less than the {fixed:,} every task stores before any low-rank factor (scales, "
                 f"biases and norms of {len(self.adapter_layers())} layers); use budget >= "
-                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`).")
+                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`)."
+            )
 
 
-def _add(total: Optional[Tensor], value: Tensor) -> Tensor:
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
     # Under FSDP2 the parameters are sharded DTensors outside forward: reduce each term to a
     # plain scalar (differentiably) so it adds to the loss.
     if hasattr(value, "full_tensor"):
@@ -581,7 +662,7 @@ def _inside(name: str, parent: str) -> bool:
     return name == parent or name.startswith(parent + ".")
 
 
-def _count_outside(model: nn.Module, head: Optional[str]) -> int:
+def _count_outside(model: nn.Module, head: str | None) -> int:
     """Unique parameters outside `head` (a head weight tied to an embedding still counts)."""
     counted: dict[int, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -592,8 +673,11 @@ def _count_outside(model: nn.Module, head: Optional[str]) -> int:
 
 def _is_tied(model: nn.Module, head: str) -> bool:
     head_ids = {id(p) for p in model.get_submodule(head).parameters()}
-    return any(id(p) in head_ids for n, p in model.named_parameters(remove_duplicate=False)
-               if not _inside(n, head))
+    return any(
+        id(p) in head_ids
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not _inside(n, head)
+    )
 
 
 def _check_positive_or_none(argument: str, value: Any, kind: type) -> None:
@@ -601,7 +685,11 @@ def _check_positive_or_none(argument: str, value: Any, kind: type) -> None:
     if value is None:
         return
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or (kind is int and not isinstance(value, int)) or not math.isfinite(value) \
-            or value <= 0:
+    if (
+        not number
+        or (kind is int and not isinstance(value, int))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         what = "an int >= 1" if kind is int else "a finite number > 0"
         raise ValueError(f"`{argument}` must be None or {what}, got {value!r}.")

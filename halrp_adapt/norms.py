@@ -35,7 +35,7 @@ class TaskNorm(TaskRouted):
         super().freeze_task(task)
         self.halrp_norm[task].eval()
 
-    def train(self, mode: bool = True) -> "TaskNorm":
+    def train(self, mode: bool = True) -> TaskNorm:
         super().train(mode)
         self.base_layer.train(False)
         for task in self.frozen_tasks:

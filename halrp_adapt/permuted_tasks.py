@@ -22,8 +22,9 @@ MEAN, STD = 0.1307, 0.3081
 class _Permuted(Dataset):
     """(permuted image, label) pairs over shared, already normalised base images."""
 
-    def __init__(self, flat: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor,
-                 rows: slice) -> None:
+    def __init__(
+        self, flat: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor, rows: slice
+    ) -> None:
         self.flat, self.labels = flat[rows], labels[rows]
         self.permutation = permutation
 
@@ -48,9 +49,16 @@ def task_seeds(seed: int, num_tasks: int) -> list[int]:
     return [int(r) for r in order[:num_tasks]]
 
 
-def permuted_tasks(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                   test_labels: np.ndarray, num_tasks: int = 10, seed: int = 0,
-                   val_fraction: float = 0.2, train_size: float = 1.0) -> list[TaskData]:
+def permuted_tasks(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    num_tasks: int = 10,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    train_size: float = 1.0,
+) -> list[TaskData]:
     """`num_tasks` (at most 10) permuted tasks of all 10 classes each.
 
     Example:
@@ -76,9 +84,13 @@ def permuted_tasks(train_images: np.ndarray, train_labels: np.ndarray, test_imag
         indices = np.arange(train.shape[1])
         np.random.RandomState(r * 100 + i).shuffle(indices)
         permutation = torch.from_numpy(indices)
-        tasks.append(TaskData(
-            name=f"pmnist{i}", classes=list(range(10)),
-            train=_Permuted(train, y_train, permutation, slice(cut, None)),
-            val=_Permuted(train, y_train, permutation, slice(0, cut)) if cut else None,
-            test=_Permuted(test, y_test, permutation, slice(None))))
+        tasks.append(
+            TaskData(
+                name=f"pmnist{i}",
+                classes=list(range(10)),
+                train=_Permuted(train, y_train, permutation, slice(cut, None)),
+                val=_Permuted(train, y_train, permutation, slice(0, cut)) if cut else None,
+                test=_Permuted(test, y_test, permutation, slice(None)),
+            )
+        )
     return tasks

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,35 +22,76 @@ from .task_splits import TaskData
 def recipe_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose description is the recipe docstring's first line, the rest its epilog."""
     lines = doc.strip().splitlines()
-    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        description=lines[0],
+        epilog="\n".join(lines[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, epochs: Optional[int], batch_size: int,
-                      lr: float, budget: float, output_dir: str) -> None:
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    *,
+    epochs: int | None,
+    batch_size: int,
+    lr: float,
+    budget: float,
+    output_dir: str,
+) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=epochs,
-                       help="epochs per task" + ("" if epochs else " (default: the recipe's)"))
-    group.add_argument("--batch-size", type=int, default=batch_size,
-                       help="global batch size, split over the processes")
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=epochs,
+        help="epochs per task" + ("" if epochs else " (default: the recipe's)"),
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help="global batch size, split over the processes",
+    )
     group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    group.add_argument("--lr-decay", type=float, default=None,
-                       help="per-step learning-rate multiplier (the reference's gamma)")
-    group.add_argument("--budget", type=float, default=budget,
-                       help="most parameters a task may add, as a share of the backbone's")
-    group.add_argument("--trial-epochs", type=int, default=1,
-                       help="epochs of the rank-estimation trial (estRank_epoch)")
-    group.add_argument("--trial-steps", type=int, default=None,
-                       help="cap the trial at this many steps")
+    group.add_argument(
+        "--lr-decay",
+        type=float,
+        default=None,
+        help="per-step learning-rate multiplier (the reference's gamma)",
+    )
+    group.add_argument(
+        "--budget",
+        type=float,
+        default=budget,
+        help="most parameters a task may add, as a share of the backbone's",
+    )
+    group.add_argument(
+        "--trial-epochs",
+        type=int,
+        default=1,
+        help="epochs of the rank-estimation trial (estRank_epoch)",
+    )
+    group.add_argument(
+        "--trial-steps", type=int, default=None, help="cap the trial at this many steps"
+    )
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--output-dir", default=output_dir,
-                       help="adapters, metrics, plots; rerun the same command to resume")
+    group.add_argument(
+        "--output-dir",
+        default=output_dir,
+        help="adapters, metrics, plots; rerun the same command to resume",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument("--log-with", choices=["tensorboard", "wandb", "mlflow", "all"],
-                       default=None, help="experiment tracker(s), through Accelerate; "
-                       "TensorBoard files go to OUTPUT_DIR/halrp")
-    group.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
-                       help="Accelerate's mixed precision (default: accelerate's config)")
+    group.add_argument(
+        "--log-with",
+        choices=["tensorboard", "wandb", "mlflow", "all"],
+        default=None,
+        help="experiment tracker(s), through Accelerate; TensorBoard files go to OUTPUT_DIR/halrp",
+    )
+    group.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        default=None,
+        help="Accelerate's mixed precision (default: accelerate's config)",
+    )
 
 
 def check_output_dir(parser: argparse.ArgumentParser, path: str) -> None:
@@ -70,6 +112,31 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     check_output_dir(parser, args.output_dir)
+    check_run_dependencies(parser, args)
+
+
+def check_run_dependencies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything the run imports after training (plots, trackers) is importable now."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    from .reporting import check_plotting
+
+    try:
+        check_plotting()
+    except ImportError as err:
+        parser.error(str(err))
+    available = {
+        "tensorboard": is_tensorboard_available,
+        "wandb": is_wandb_available,
+        "mlflow": is_mlflow_available,
+    }
+    tracker = getattr(args, "log_with", None)
+    if tracker in available and not available[tracker]():
+        parser.error(
+            f"--log-with {tracker} needs the {tracker} package: pip install "
+            f'"halrp-adapt[{tracker}]" (or choose another of '
+            f"{sorted(available)}, or 'all' for whichever are installed)"
+        )
 
 
 def check_timm_model(parser: argparse.ArgumentParser, name: str, prefix: str = "") -> None:
@@ -77,33 +144,53 @@ def check_timm_model(parser: argparse.ArgumentParser, name: str, prefix: str = "
 
     if not timm.is_model(name):
         close = timm.list_models(f"{prefix}*")[:8] if prefix else []
-        parser.error(f"--model {name!r} is not a timm model"
-                     + (f"; e.g. {', '.join(close)}" if close else ""))
+        parser.error(
+            f"--model {name!r} is not a timm model"
+            + (f"; e.g. {', '.join(close)}" if close else "")
+        )
 
 
-def run_tasks(args: argparse.Namespace, model: nn.Module, tasks: Sequence[TaskData],
-              halrp_options: Optional[dict[str, Any]] = None,
-              loss_fn: Optional[Callable] = None,
-              epochs_after_trial: bool = False) -> dict[str, Any]:
+def run_tasks(
+    args: argparse.Namespace,
+    model: nn.Module,
+    tasks: Sequence[TaskData],
+    halrp_options: dict[str, Any] | None = None,
+    loss_fn: Callable | None = None,
+    epochs_after_trial: bool = False,
+) -> dict[str, Any]:
     """Attach HALRP, run the ContinualTrainer under Accelerate, return the results."""
     from accelerate import Accelerator
 
     import halrp_adapt
+
     from .trainer import ContinualTrainer, TrainConfig
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=args.mixed_precision,
-                              log_with=getattr(args, "log_with", None),
-                              project_dir=args.output_dir)
-    options = {"budget": args.budget, "trial_epochs": args.trial_epochs,
-               **(halrp_options or {})}
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        log_with=getattr(args, "log_with", None),
+        project_dir=args.output_dir,
+    )
+    options = {"budget": args.budget, "trial_epochs": args.trial_epochs, **(halrp_options or {})}
     handle = halrp_adapt.attach(model, config=HalrpConfig.from_options(**options))
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         lr_decay=args.lr_decay, trial_steps=args.trial_steps, seed=args.seed,
-                         subtract_trial_epochs=epochs_after_trial)
-    trainer = ContinualTrainer(handle, tasks, config, accelerator=accelerator,
-                               output_dir=args.output_dir, loss_fn=loss_fn,
-                               progress=not args.no_progress)
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        lr_decay=args.lr_decay,
+        trial_steps=args.trial_steps,
+        seed=args.seed,
+        subtract_trial_epochs=epochs_after_trial,
+    )
+    trainer = ContinualTrainer(
+        handle,
+        tasks,
+        config,
+        accelerator=accelerator,
+        output_dir=args.output_dir,
+        loss_fn=loss_fn,
+        progress=not args.no_progress,
+    )
     results = trainer.run()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from typing import Optional, Union
+from typing import cast
 
 from torch import nn
 
 from .layers import HalrpConv1D, HalrpConv2d, HalrpLayer, HalrpLinear
 
-LayerType = Union[type, str]
+LayerType = type | str
 
 _ADAPTERS: list[tuple[LayerType, type[HalrpLayer]]] = [
     (nn.Linear, HalrpLinear),
@@ -37,7 +37,7 @@ _NORMS: list[LayerType] = [
 ]
 
 
-def _resolve(layer_type: LayerType) -> Optional[type]:
+def _resolve(layer_type: LayerType) -> type | None:
     if isinstance(layer_type, type):
         return layer_type
     module_name, _, attr = layer_type.rpartition(".")
@@ -68,13 +68,15 @@ def register_layer_type(layer_type: LayerType, adapter_cls: type[HalrpLayer]) ->
         raise TypeError(f"`adapter_cls` must be a subclass of HalrpLayer, got {adapter_cls!r}.")
     for i, (known, _) in enumerate(_ADAPTERS):
         if known == layer_type:
-            warnings.warn(f"replacing the adapter registered for {_name(layer_type)}.")
+            warnings.warn(
+                f"replacing the adapter registered for {_name(layer_type)}.", stacklevel=2
+            )
             del _ADAPTERS[i]
             break
     _ADAPTERS.insert(0, (layer_type, adapter_cls))
 
 
-def adapter_class_for(module: nn.Module) -> Optional[type[HalrpLayer]]:
+def adapter_class_for(module: nn.Module) -> type[HalrpLayer] | None:
     """The adapter class for `module`: exact type first, then the latest registered base."""
     resolved = [(_resolve(t), cls) for t, cls in _ADAPTERS]
     for layer_type, cls in resolved:
@@ -85,7 +87,8 @@ def adapter_class_for(module: nn.Module) -> Optional[type[HalrpLayer]]:
             # A subclass with its own forward (weight standardisation, dynamic padding...)
             # computes something else than the adapter would: only wrap it if the adapter
             # says it reproduces that forward.
-            same_forward = type(module).forward is layer_type.forward
+            # `layer_type` is a Module class here: `module` is an instance of it.
+            same_forward = type(module).forward is cast(type[nn.Module], layer_type).forward
             return cls if same_forward or cls.handles_forward_of(module) else None
     return None
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .metrics import average_accuracy, backward_transfer, forgetting
+from .storage import atomic_write
 
 if TYPE_CHECKING:
     from .trainer import ContinualTrainer
 
 
-def summarize(trainer: "ContinualTrainer") -> dict[str, Any]:
+def summarize(trainer: ContinualTrainer) -> dict[str, Any]:
     """Everything a run measured, as plain JSON-able data."""
     state, handle = trainer.state, trainer.handle
     report = handle.report()
@@ -43,62 +47,151 @@ def format_table(result: dict[str, Any]) -> str:
     """The accuracy matrix with growth and time per task, and ACC / BWT / forgetting."""
     names = result["tasks"]
     width = max([8] + [len(n) + 1 for n in names])
-    lines = ["after task".ljust(width) + "".join(n.rjust(width) for n in names)
-             + "growth".rjust(9) + "time s".rjust(9)]
+    lines = [
+        "after task".ljust(width)
+        + "".join(n.rjust(width) for n in names)
+        + "growth".rjust(9)
+        + "time s".rjust(9)
+    ]
     for i, name in enumerate(names):
         row = result["matrix"][i]
         cells = "".join(f"{a:.2f}".rjust(width) for a in row)
         cells += " " * width * (len(names) - len(row))
         seconds = sum(result["times"].get(name, {}).values())
-        lines.append(name.ljust(width) + cells + f"{result['growth'][name]:.4f}".rjust(9)
-                     + f"{seconds:.0f}".rjust(9))
-    lines.append(f"ACC {result['acc']:.2f}   BWT {result['bwt']:+.2f}   forgetting "
-                 f"{result['forgetting']:.2f}   total growth {result['total_growth']:.4f} "
-                 f"(budget {result['budget']} per task)")
+        lines.append(
+            name.ljust(width)
+            + cells
+            + f"{result['growth'][name]:.4f}".rjust(9)
+            + f"{seconds:.0f}".rjust(9)
+        )
+    lines.append(
+        f"ACC {result['acc']:.2f}   BWT {result['bwt']:+.2f}   forgetting "
+        f"{result['forgetting']:.2f}   total growth {result['total_growth']:.4f} "
+        f"(budget {result['budget']} per task)"
+    )
     return "\n".join(lines)
 
 
-def write_outputs(trainer: "ContinualTrainer", result: dict[str, Any]) -> None:
+PLOT_FILES = ("accuracy_matrix.png", "ranks.png", "growth.png")
+
+
+def check_plotting() -> None:
+    """Raise ImportError, naming what to install, when the run's plots could not be drawn.
+
+    `ContinualTrainer.run` calls it before the first task trains, so that a broken install
+    fails in seconds instead of after the run.
+
+    Example::
+
+        from halrp_adapt.reporting import check_plotting
+        check_plotting()   # nothing happens when matplotlib is importable
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"The run's plots need matplotlib, a dependency of halrp-adapt that "
+            f"this environment lacks ({err}). Install it with `pip install "
+            f'"matplotlib>=3.7"` (or reinstall halrp-adapt).'
+        ) from err
+
+
+def _write_text(path: Path, text: str) -> None:
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
+def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> list[str]:
+    """Write the run's files into `trainer.output_dir`; return what could not be written.
+
+    The metrics and tables go first, each written atomically; the plots last. A plot that
+    fails is reported (logged and warned) and leaves every other file in place: the trained
+    run is never lost to a reporting error.
+    """
     out = trainer.output_dir
     assert out is not None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _write_text(out / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
     names = result["tasks"]
-    with open(out / "accuracy_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["after_task"] + names)
-        for name, row in zip(names, result["matrix"]):
-            writer.writerow([name] + [f"{a:.4f}" for a in row] + [""] * (len(names) - len(row)))
-    with open(out / "tasks.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        phases = ["estimate", "train", "prune", "evaluate", "save"]
-        writer.writerow(["task", "classes", "final_accuracy", "growth", "stored_params",
-                         "low_rank_params", "head_params"] + [f"{p}_s" for p in phases])
-        for i, name in enumerate(names):
-            p = result["params"][name]
-            times = result["times"].get(name, {})
-            writer.writerow([name, " ".join(map(str, result["classes"].get(name, []))),
-                             f"{result['matrix'][-1][i]:.4f}", f"{p['growth']:.6f}",
-                             p["stored_params"], p["low_rank_params"], p["head_params"]]
-                            + [f"{times.get(ph, 0.0):.3f}" for ph in phases])
+    _write_text(
+        out / "accuracy_matrix.csv",
+        _csv_text(
+            [["after_task"] + names]
+            + [
+                [name] + [f"{a:.4f}" for a in row] + [""] * (len(names) - len(row))
+                for name, row in zip(names, result["matrix"], strict=False)
+            ]
+        ),
+    )
+    phases = ["estimate", "train", "prune", "evaluate", "save"]
+    rows: list[list[Any]] = [
+        [
+            "task",
+            "classes",
+            "final_accuracy",
+            "growth",
+            "stored_params",
+            "low_rank_params",
+            "head_params",
+        ]
+        + [f"{p}_s" for p in phases]
+    ]
+    for i, name in enumerate(names):
+        p = result["params"][name]
+        times = result["times"].get(name, {})
+        rows.append(
+            [
+                name,
+                " ".join(map(str, result["classes"].get(name, []))),
+                f"{result['matrix'][-1][i]:.4f}",
+                f"{p['growth']:.6f}",
+                p["stored_params"],
+                p["low_rank_params"],
+                p["head_params"],
+            ]
+            + [f"{times.get(ph, 0.0):.3f}" for ph in phases]
+        )
+    _write_text(out / "tasks.csv", _csv_text(rows))
     layers = list(dict.fromkeys(layer for ranks in result["ranks"].values() for layer in ranks))
-    with open(out / "ranks.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer"] + names)
-        for layer in layers:
-            writer.writerow([layer] + [result["ranks"][n].get(layer, 0) for n in names])
-    write_plots(out, result, layers)
+    _write_text(
+        out / "ranks.csv",
+        _csv_text(
+            [["layer"] + names]
+            + [[layer] + [result["ranks"][n].get(layer, 0) for n in names] for layer in layers]
+        ),
+    )
     trainer.log("\n" + format_table(result))
-    trainer.log(f"results in {out}: metrics.json, accuracy_matrix.csv, tasks.csv, ranks.csv, "
-                "accuracy_matrix.png, ranks.png, growth.png, adapters/")
+    written = ["metrics.json", "accuracy_matrix.csv", "tasks.csv", "ranks.csv"]
+    failed: list[str] = []
+    try:
+        write_plots(out, result, layers)
+        written += PLOT_FILES
+    except Exception as err:  # a plot must never cost the run its other results
+        failed = [f"plots ({type(err).__name__}: {err})"]
+        message = (
+            f"could not write the plots: {type(err).__name__}: {err}. The metrics, "
+            f"tables and adapters are in {out}."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        trainer.log(message)
+    adapters = ", adapters/" if trainer.config.save_adapters else ""
+    trainer.log(f"results in {out}: {', '.join(written)}{adapters}")
+    return failed
 
 
 def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> None:
     """accuracy_matrix.png (heatmap), ranks.png (layer x task), growth.png (per task and
     cumulative)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    check_plotting()
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -106,13 +199,20 @@ def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> Non
     t = len(names)
     grid = np.full((t, t), np.nan)
     for i, row in enumerate(result["matrix"]):
-        grid[i, :len(row)] = row
+        grid[i, : len(row)] = row
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * t, 1.0 + 0.6 * t))
     image = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=100)
     for i in range(t):
         for j in range(i + 1):
-            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if grid[i, j] < np.nanmean(grid) else "black")
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if grid[i, j] < np.nanmean(grid) else "black",
+            )
     ax.set_xticks(range(t), names, rotation=45, ha="right")
     ax.set_yticks(range(t), names)
     ax.set_xlabel("evaluated task")
@@ -161,9 +261,13 @@ def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
     for run in run_dirs:
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         final = metrics["matrix"][-1]
-        finals.append({"-".join(map(str, sorted(metrics["classes"][name]))): final[i]
-                       for i, name in enumerate(metrics["tasks"])})
-    result = {"runs": [str(r) for r in run_dirs], **order_robustness(finals)}
+        finals.append(
+            {
+                "-".join(map(str, sorted(metrics["classes"][name]))): final[i]
+                for i, name in enumerate(metrics["tasks"])
+            }
+        )
+    result: dict[str, Any] = {"runs": [str(r) for r in run_dirs], **order_robustness(finals)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "order_robustness.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -171,8 +275,9 @@ def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
         writer = csv.writer(f)
         writer.writerow(["task_classes"] + [f"order{i}" for i in range(len(finals))] + ["OPD"])
         for identity, opd in result["OPD"].items():
-            writer.writerow([identity] + [f"{run[identity]:.4f}" for run in finals]
-                            + [f"{opd:.4f}"])
+            writer.writerow(
+                [identity] + [f"{run[identity]:.4f}" for run in finals] + [f"{opd:.4f}"]
+            )
     return result
 
 
@@ -180,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m halrp_adapt.reporting RUN_DIR RUN_DIR ... --out DIR`: order robustness."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="OPD / MOPD / AOPD over runs of the same "
-                                                 "tasks in different --class-order s.")
+    parser = argparse.ArgumentParser(
+        description="OPD / MOPD / AOPD over runs of the same tasks in different --class-order s."
+    )
     parser.add_argument("runs", nargs="+", help="output folders of finished runs")
     parser.add_argument("--out", required=True, help="folder for order_robustness.json/.csv")
     args = parser.parse_args(argv)

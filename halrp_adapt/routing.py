@@ -8,14 +8,16 @@ adapter layers (one adapter = one task): they find the per-task containers struc
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-NOT_ADDITIVE = ("HALRP adapters are not additive: each task has its own full set of scales, "
-                "factors, norms and head, so only one task can be active at a time")
+NOT_ADDITIVE = (
+    "HALRP adapters are not additive: each task has its own full set of scales, "
+    "factors, norms and head, so only one task can be active at a time"
+)
 
 
 def check_task_name(name: object) -> str:
@@ -37,13 +39,13 @@ class TaskRouted(nn.Module, BaseTunerLayer):
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
-        self.active_task: Optional[str] = None
+        self.active_task: str | None = None
         self.frozen_tasks: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
 
     @property
-    def routed_task(self) -> Optional[str]:
+    def routed_task(self) -> str | None:
         """The task the next forward uses: the active one, unless adapters are disabled."""
         return None if self._disable_adapters else self.active_task
 
@@ -53,7 +55,7 @@ class TaskRouted(nn.Module, BaseTunerLayer):
             names.update(dict.fromkeys(getattr(self, attr).keys()))
         return list(names)
 
-    def set_active_task(self, task: Optional[str]) -> None:
+    def set_active_task(self, task: str | None) -> None:
         self.active_task = task
 
     def freeze_task(self, task: str) -> None:
@@ -62,7 +64,7 @@ class TaskRouted(nn.Module, BaseTunerLayer):
             p.requires_grad_(False)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        params = []
+        params: list[nn.Parameter] = []
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             if task not in container:
@@ -82,11 +84,10 @@ class TaskRouted(nn.Module, BaseTunerLayer):
 
     # ---- PEFT's BaseTunerLayer interface -----------------------------------------------------
     @property
-    def active_adapter(self) -> Union[str, list[str]]:
+    def active_adapter(self) -> str | list[str]:
         return self.active_task if self.active_task is not None else []
 
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]],
-                    inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Route through one task. Trainability is the handle's business, not the layer's."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if len(names) > 1:
@@ -99,9 +100,11 @@ class TaskRouted(nn.Module, BaseTunerLayer):
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError("HALRP layers are merged per task by HalrpModel.merge(task) or "
-                                  "PeftModel.merge_and_unload(), never in place on one layer.")
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "HALRP layers are merged per task by HalrpModel.merge(task) or "
+            "PeftModel.merge_and_unload(), never in place on one layer."
+        )
 
     def unmerge(self) -> None:
         raise NotImplementedError("HALRP layers are never merged in place.")

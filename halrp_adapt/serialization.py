@@ -11,7 +11,7 @@ A task's tensors are named as PEFT names an adapter's: the model path under
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ PEFT_PREFIX = "base_model.model."
 SAMPLES_PER_TENSOR = 1024
 
 
-def _live_task_tensors(handle: "HalrpModel", task: str) -> dict[str, Tensor]:
+def _live_task_tensors(handle: HalrpModel, task: str) -> dict[str, Tensor]:
     """{file key: the live tensor} for every tensor task `task` owns."""
     out: dict[str, Tensor] = {}
     for module_name, module in handle.model.named_modules():
@@ -45,8 +45,9 @@ def _live_task_tensors(handle: "HalrpModel", task: str) -> dict[str, Tensor]:
     return out
 
 
-def task_state_dict(handle: "HalrpModel", task: str,
-                    dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def task_state_dict(
+    handle: HalrpModel, task: str, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
     """A detached CPU copy of task `task`'s tensors in PEFT naming, floats cast to `dtype`."""
     out = {}
     for key, tensor in _live_task_tensors(handle, task).items():
@@ -58,8 +59,9 @@ def task_state_dict(handle: "HalrpModel", task: str,
 
 
 @torch.no_grad()
-def load_task_tensors(handle: "HalrpModel", task: str, tensors: dict[str, Tensor],
-                      source: str) -> None:
+def load_task_tensors(
+    handle: HalrpModel, task: str, tensors: dict[str, Tensor], source: str
+) -> None:
     """Copy `tensors` into task `task`'s skeleton; every key, shape and value is checked first.
 
     Raises ValueError naming `source` and the first problem; nothing is written then.
@@ -67,25 +69,31 @@ def load_task_tensors(handle: "HalrpModel", task: str, tensors: dict[str, Tensor
     live = _live_task_tensors(handle, task)
     missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
     if missing or unexpected:
-        raise ValueError(f"{source}: tensors do not match the task's layers: missing "
-                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}.")
+        raise ValueError(
+            f"{source}: tensors do not match the task's layers: missing "
+            f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+            f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}."
+        )
     for key, target in live.items():
         value = tensors[key]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the model "
-                             f"expects {tuple(target.shape)}.")
+            raise ValueError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the model "
+                f"expects {tuple(target.shape)}."
+            )
         if torch.is_floating_point(target) != torch.is_floating_point(value):
-            raise ValueError(f"{source}: tensor {key} has dtype {value.dtype}, the model expects "
-                             f"{target.dtype}.")
+            raise ValueError(
+                f"{source}: tensor {key} has dtype {value.dtype}, the model expects {target.dtype}."
+            )
         if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{source}: tensor {key} holds NaN or infinite values.")
     for key, target in live.items():
         target.copy_(tensors[key])
 
 
-def backbone_state(model_or_handle: Union[nn.Module, "HalrpModel"],
-                   head: str | None = None) -> dict[str, Tensor]:
+def backbone_state(
+    model_or_handle: nn.Module | HalrpModel, head: str | None = None
+) -> dict[str, Tensor]:
     """The frozen backbone's tensors under the names they have in the plain model, without the
     classifier head: what the task adapters are relative to."""
     from .model import HalrpModel
@@ -109,8 +117,7 @@ def backbone_state(model_or_handle: Union[nn.Module, "HalrpModel"],
     return out
 
 
-def backbone_fingerprint(model_or_handle: Union[nn.Module, "HalrpModel"],
-                         head: str | None = None) -> str:
+def backbone_fingerprint(model_or_handle: nn.Module | HalrpModel, head: str | None = None) -> str:
     """sha256 over the backbone's names, shapes, dtypes and up to 1,024 evenly spaced values of
     each tensor: cheap on large models, and different whenever architecture or weights differ
     in practice."""

@@ -47,7 +47,9 @@ def expand(values: Tensor, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
         numel *= size
     mask = unpack_mask(packed, numel)
     if int(mask.sum()) != values.numel():
-        raise ValueError(f"a compact factor's mask marks {int(mask.sum())} entries but it holds "
-                         f"{values.numel()} values.")
+        raise ValueError(
+            f"a compact factor's mask marks {int(mask.sum())} entries but it holds "
+            f"{values.numel()} values."
+        )
     dense = values.new_zeros(numel).masked_scatter(mask, values)
     return dense.view(shape)

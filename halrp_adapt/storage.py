@@ -16,15 +16,17 @@ never leaves a task half-written nor drops another task from the index. Nothing 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import ReadWriteLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -59,56 +61,77 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+def _bytes_writer(data: bytes) -> Callable[[Any], None]:
+    """A `write` for `atomic_write` that writes `data` (binds it, e.g. inside a loop)."""
+    return lambda f: f.write(data)
+
+
 def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
 
-def _open_lock_file(root: Path, create: bool) -> Any:
-    """The shelf's lock file, never through a symbolic link (a hostile shelf could point it
-    at a file elsewhere)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+def _lock_path(root: Path, create: bool) -> Path | None:
+    """The shelf's lock file, created empty when `create`; None when it is absent and not
+    created. Never a symbolic link: a hostile shelf could point it at a file elsewhere."""
+    path = root / LOCK_NAME
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; refusing to use it.")
+    if create:
+        # O_NOFOLLOW where the OS has it (not on Windows, where the check above stands alone).
+        flags = os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        os.close(os.open(path, flags, 0o644))
+    return path if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _held(path: Path, write: bool) -> Iterator[None]:
+    # filelock's ReadWriteLock works through SQLite's file locks, the same on every OS
+    # (fcntl is POSIX-only, and msvcrt has no shared mode); the file stays empty.
+    lock = ReadWriteLock(path, is_singleton=False)
     try:
-        fd = os.open(root / LOCK_NAME, flags, 0o644)
-    except OSError as err:
-        if (root / LOCK_NAME).is_symlink():
-            raise ValueError(f"{root / LOCK_NAME} is a symbolic link; refusing to use it.") \
-                from None
-        raise err
-    return os.fdopen(fd, "rb")
+        try:
+            (lock.acquire_write if write else lock.acquire_read)()
+        except sqlite3.DatabaseError as err:
+            raise ValueError(
+                f"{path} is not a lock file ({err}); delete it and try again."
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        lock.close()
 
 
 @contextlib.contextmanager
 def index_lock(root: Path) -> Iterator[None]:
-    """Exclusive lock on the shelf's index, across processes (fcntl.flock)."""
-    with _open_lock_file(root, create=True) as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    """Exclusive lock on the shelf's index, across processes and platforms."""
+    path = _lock_path(root, create=True)
+    assert path is not None
+    with _held(path, write=True):
+        yield
 
 
 @contextlib.contextmanager
 def shared_index_lock(root: Path) -> Iterator[None]:
     """Shared lock for readers of a local shelf, so that a task is never read while a writer
     replaces it. A shelf without a lock file (a Hub snapshot, a copied folder) is read as is."""
-    try:
-        lock = _open_lock_file(root, create=False)
-    except OSError:
-        lock = None
-    if lock is None:
+    path = _lock_path(root, create=False)
+    if path is None or not os.access(path, os.R_OK | os.W_OK):
+        # SQLite opens its lock read-write: a shelf this account may only read (another
+        # user's, a read-only mount) is read without the lock, as a Hub snapshot is.
         yield
         return
-    with lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with _held(path, write=False):
+        yield
 
 
-def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
-                    tasks: Optional[Sequence[str]] = None, dtype: str = "float32") -> list[str]:
+def save_pretrained(
+    handle: HalrpModel,
+    save_directory: str | os.PathLike,
+    tasks: Sequence[str] | None = None,
+    dtype: str = "float32",
+) -> list[str]:
     """Write `tasks` (default: every finished task) into `save_directory`; return their names.
 
     Other tasks' folders are never touched; the index keeps every task it listed.
@@ -126,14 +149,17 @@ def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
     with index_lock(root):
         index = read_index(root) if (root / INDEX_NAME).exists() else new_index(handle)
         if index["backbone"]["fingerprint"] != fingerprint:
-            raise ValueError(f"`save_directory` {str(root)!r} holds tasks of another backbone "
-                             f"(fingerprint "
-                             f"{index['backbone']['fingerprint'][:12]}...); save into a new "
-                             "folder.")
-        if any(handle._tasks[t].trains_base for t in handle.tasks) and \
-                not (root / BASE_NAME).exists():
-            base = {k: v.detach().to("cpu").contiguous()
-                    for k, v in backbone_state(handle).items()}
+            raise ValueError(
+                f"`save_directory` {str(root)!r} holds tasks of another backbone "
+                f"(fingerprint "
+                f"{index['backbone']['fingerprint'][:12]}...); save into a new "
+                "folder."
+            )
+        if (
+            any(handle._tasks[t].trains_base for t in handle.tasks)
+            and not (root / BASE_NAME).exists()
+        ):
+            base = {k: v.detach().to("cpu").contiguous() for k, v in backbone_state(handle).items()}
             atomic_write(root / BASE_NAME, lambda f: f.write(safetensors_bytes(base)))
             index["base_weights"] = BASE_NAME
         from .serialization import task_state_dict
@@ -148,13 +174,14 @@ def save_pretrained(handle: "HalrpModel", save_directory: str | os.PathLike,
             meta = {"format": "pt", "halrp_format_version": str(FORMAT_VERSION), "task": name}
             blob = safetensors_bytes(tensors, metadata=meta)
             config_bytes = _json_bytes(config.to_dict())
-            atomic_write(folder / WEIGHTS_NAME, lambda f, b=blob: f.write(b))
-            atomic_write(folder / CONFIG_NAME, lambda f, c=config_bytes: f.write(c))
+            atomic_write(folder / WEIGHTS_NAME, _bytes_writer(blob))
+            atomic_write(folder / CONFIG_NAME, _bytes_writer(config_bytes))
             if name not in index["tasks"]:
                 index["tasks"].append(name)
-            index["task_info"][name] = {**_summary(handle, name),
-                                        "files": {WEIGHTS_NAME: file_record(blob),
-                                                  CONFIG_NAME: file_record(config_bytes)}}
+            index["task_info"][name] = {
+                **_summary(handle, name),
+                "files": {WEIGHTS_NAME: file_record(blob), CONFIG_NAME: file_record(config_bytes)},
+            }
         atomic_write(root / INDEX_NAME, lambda f: f.write(_json_bytes(index)))
     return names
 
@@ -164,7 +191,7 @@ def file_record(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _tasks_to_save(handle: "HalrpModel", tasks: Optional[Sequence[str]]) -> list[str]:
+def _tasks_to_save(handle: HalrpModel, tasks: Sequence[str] | None) -> list[str]:
     if tasks is None:
         return [t for t in handle.tasks if handle._tasks[t].finished]
     if isinstance(tasks, str):
@@ -173,21 +200,26 @@ def _tasks_to_save(handle: "HalrpModel", tasks: Optional[Sequence[str]]) -> list
     for name in names:
         info = handle._info(name, argument="tasks")
         if not info.finished:
-            raise ValueError(f"`tasks`: task {name!r} is still in training: call end_task() "
-                             "before saving it; finished tasks: "
-                             f"{[t for t in handle.tasks if handle._tasks[t].finished]}.")
+            raise ValueError(
+                f"`tasks`: task {name!r} is still in training: call end_task() "
+                "before saving it; finished tasks: "
+                f"{[t for t in handle.tasks if handle._tasks[t].finished]}."
+            )
     return names
 
 
-def new_index(handle: "HalrpModel") -> dict[str, Any]:
+def new_index(handle: HalrpModel) -> dict[str, Any]:
     from . import __version__
 
     return {
         "format_version": FORMAT_VERSION,
         "library": "halrp_adapt",
         "library_version": __version__,
-        "backbone": {"class": handle.base_class, "params": handle.backbone_params,
-                     "fingerprint": backbone_fingerprint(handle)},
+        "backbone": {
+            "class": handle.base_class,
+            "params": handle.backbone_params,
+            "fingerprint": backbone_fingerprint(handle),
+        },
         "options": handle.config.options(),
         "base_weights": None,
         "tasks": [],
@@ -195,12 +227,15 @@ def new_index(handle: "HalrpModel") -> dict[str, Any]:
     }
 
 
-def _summary(handle: "HalrpModel", name: str) -> dict[str, Any]:
+def _summary(handle: HalrpModel, name: str) -> dict[str, Any]:
     stats = handle.task_stats(name)
     ranks = list(stats.ranks.values())
-    return {"num_classes": handle._tasks[name].config.num_classes, "growth": stats.growth,
-            "mean_rank": sum(ranks) / len(ranks) if ranks else 0.0,
-            "metrics": dict(handle._tasks[name].config.metrics)}
+    return {
+        "num_classes": handle._tasks[name].config.num_classes,
+        "growth": stats.growth,
+        "mean_rank": sum(ranks) / len(ranks) if ranks else 0.0,
+        "metrics": dict(handle._tasks[name].config.metrics),
+    }
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -225,15 +260,17 @@ def _read_json(path: Path, what: str, limit: int = 16 << 20) -> dict[str, Any]:
     return data
 
 
-def read_index(root: Path, trusted: Optional[Path] = None) -> dict[str, Any]:
+def read_index(root: Path, trusted: Path | None = None) -> dict[str, Any]:
     """The shelf's index, checked field by field. Files must resolve inside `trusted`
     (default `root`; a Hub snapshot's files are links into its repo's cache folder)."""
     path = root / INDEX_NAME
     _check_inside(trusted or root, path)
     index = _read_json(path, "the shelf index")
     if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: `format_version` {index.get('format_version')!r} is not "
-                         f"supported (this halrp_adapt reads version {FORMAT_VERSION}).")
+        raise ValueError(
+            f"{path}: `format_version` {index.get('format_version')!r} is not "
+            f"supported (this halrp_adapt reads version {FORMAT_VERSION})."
+        )
     tasks = index.get("tasks")
     if not isinstance(tasks, list) or len(set(map(str, tasks))) != len(tasks):
         raise ValueError(f"{path}: `tasks` must be a list of distinct task names.")
@@ -243,10 +280,15 @@ def read_index(root: Path, trusted: Optional[Path] = None) -> dict[str, Any]:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     backbone = index.get("backbone")
-    if not (isinstance(backbone, dict) and isinstance(backbone.get("fingerprint"), str)
-            and isinstance(backbone.get("params"), int) and isinstance(backbone.get("class"), str)):
-        raise ValueError(f"{path}: `backbone` must hold `class` (str), `params` (int) and "
-                         "`fingerprint` (str).")
+    if not (
+        isinstance(backbone, dict)
+        and isinstance(backbone.get("fingerprint"), str)
+        and isinstance(backbone.get("params"), int)
+        and isinstance(backbone.get("class"), str)
+    ):
+        raise ValueError(
+            f"{path}: `backbone` must hold `class` (str), `params` (int) and `fingerprint` (str)."
+        )
     if not isinstance(index.get("options"), dict):
         raise ValueError(f"{path}: `options` must be a JSON object of HalrpConfig options.")
     if index.get("base_weights") not in (None, BASE_NAME):
@@ -257,7 +299,7 @@ def read_index(root: Path, trusted: Optional[Path] = None) -> dict[str, Any]:
     return index
 
 
-def read_task_config(root: Path, task: str, trusted: Optional[Path] = None) -> HalrpConfig:
+def read_task_config(root: Path, task: str, trusted: Path | None = None) -> HalrpConfig:
     """A task's adapter_config.json as a HalrpConfig; unknown fields and wrong types refused."""
     path = root / task / CONFIG_NAME
     _check_inside(trusted or root, path)
@@ -276,19 +318,26 @@ def read_task_config(root: Path, task: str, trusted: Optional[Path] = None) -> H
 
 
 def _check_task_field_types(path: Path, data: dict[str, Any]) -> None:
-    expected = {"rank_pattern": dict, "sparse_pattern": dict, "metrics": dict,
-                "trains_base": bool, "inference_mode": bool}
+    expected = {
+        "rank_pattern": dict,
+        "sparse_pattern": dict,
+        "metrics": dict,
+        "trains_base": bool,
+        "inference_mode": bool,
+    }
     for name, kind in expected.items():
         if name in data and not isinstance(data[name], kind):
-            raise ValueError(f"{path}: `{name}` must be a {kind.__name__}, got "
-                             f"{type(data[name]).__name__}.")
+            raise ValueError(
+                f"{path}: `{name}` must be a {kind.__name__}, got {type(data[name]).__name__}."
+            )
     for name in ("rank_pattern", "sparse_pattern"):
         for key, value in data.get(name, {}).items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{path}: `{name}[{key!r}]` must be an int >= 0, got {value!r}.")
     classes = data.get("num_classes")
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
-                                or classes < 1):
+    if classes is not None and (
+        isinstance(classes, bool) or not isinstance(classes, int) or classes < 1
+    ):
         raise ValueError(f"{path}: `num_classes` must be null or an int >= 1, got {classes!r}.")
 
 

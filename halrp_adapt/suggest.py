@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,13 +31,22 @@ from .losses import LossFn, default_loss
 from .trial import trial_finetune
 
 
-def suggest_lora_config(model: nn.Module, dataloader: Iterable[Any], budget: float = 0.01,
-                        loss_fn: Optional[LossFn] = None, *, target_modules: Any = None,
-                        exclude_modules: Any = None, explained: float = 0.9,
-                        upper_rank: int = 64, trial_epochs: int = 1,
-                        trial_steps: Optional[int] = None, trial_lr: float = 1e-3,
-                        fisher_data: Optional[Iterable[Any]] = None,
-                        **lora_kwargs: Any) -> Any:
+def suggest_lora_config(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    budget: float = 0.01,
+    loss_fn: LossFn | None = None,
+    *,
+    target_modules: Any = None,
+    exclude_modules: Any = None,
+    explained: float = 0.9,
+    upper_rank: int = 64,
+    trial_epochs: int = 1,
+    trial_steps: int | None = None,
+    trial_lr: float = 1e-3,
+    fisher_data: Iterable[Any] | None = None,
+    **lora_kwargs: Any,
+) -> Any:
     """A `peft.LoraConfig` with per-layer ranks from HALRP's Fisher-weighted SVD allocation.
 
     `model` is not changed (a copy is fine-tuned). `budget` bounds the LoRA parameters as a
@@ -57,24 +67,45 @@ def suggest_lora_config(model: nn.Module, dataloader: Iterable[Any], budget: flo
     from .heads import find_head
     from .targets import select_targets
 
-    options = HalrpConfig(budget=budget, explained=explained, upper_rank=upper_rank,
-                          trial_epochs=trial_epochs, trial_steps=trial_steps,
-                          trial_lr=trial_lr, target_modules=target_modules,
-                          exclude_modules=exclude_modules)
+    options = HalrpConfig(
+        budget=budget,
+        explained=explained,
+        upper_rank=upper_rank,
+        trial_epochs=trial_epochs,
+        trial_steps=trial_steps,
+        trial_lr=trial_lr,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+    )
     loss_fn = loss_fn or default_loss
     named = dict(model.named_modules())
     targets = select_targets(model, find_head(model, None), target_modules, exclude_modules)
-    base = {name: named[name].weight.detach().clone() for name in targets
-            if _low_rank_capable(named[name])}
+    base = {
+        name: named[name].weight.detach().clone()
+        for name in targets
+        if _low_rank_capable(named[name])
+    }
     if not base:
-        raise ValueError("`target_modules`: no layer that LoRA can factorise (Linear, Conv2d "
-                         "with groups=1, transformers Conv1D) was selected.")
+        raise ValueError(
+            "`target_modules`: no layer that LoRA can factorise (Linear, Conv2d "
+            "with groups=1, transformers Conv1D) was selected."
+        )
     trial = copy.deepcopy(model)
-    trial_finetune(trial, dataloader, loss_fn, epochs=options.trial_epochs,
-                   steps=options.trial_steps, lr=options.trial_lr)
+    trial_finetune(
+        trial,
+        dataloader,
+        loss_fn,
+        epochs=options.trial_epochs,
+        steps=options.trial_steps,
+        lr=options.trial_lr,
+    )
     modules = dict(trial.named_modules())
-    fisher = empirical_fisher(trial, fisher_data if fisher_data is not None else dataloader,
-                              {name: modules[name].weight for name in base}, loss_fn)
+    fisher = empirical_fisher(
+        trial,
+        fisher_data if fisher_data is not None else dataloader,
+        {name: modules[name].weight for name in base},
+        loss_fn,
+    )
     spectra = []
     with torch.no_grad():
         for name, w0 in base.items():
@@ -82,25 +113,37 @@ def suggest_lora_config(model: nn.Module, dataloader: Iterable[Any], budget: flo
             method = svd_method(options.svd, min(delta.shape), options.randomized_min_dim)
             spectrum = decompose(delta.float(), method, rank_cap=upper_rank)
             out_features, in_features = delta.shape
-            spectra.append(LayerSpectrum(name, spectrum.S, spectrum.energy, fisher[name], 1,
-                                         out_features, in_features,
-                                         cost_per_rank=_lora_cost(modules[name])))
+            spectra.append(
+                LayerSpectrum(
+                    name,
+                    spectrum.S,
+                    spectrum.energy,
+                    fisher[name],
+                    1,
+                    out_features,
+                    in_features,
+                    cost_per_rank=_lora_cost(modules[name]),
+                )
+            )
     del trial, modules
     total = sum(p.numel() for p in model.parameters())
     caps = explained_ranks(spectra, explained, upper_rank)
     ranks = {n: r for n, r in budget_ranks(spectra, caps, budget * total).items() if r > 0}
     if not ranks:
-        raise ValueError(f"`budget`={budget} leaves no room for even one rank of one layer; "
-                         "raise it.")
+        raise ValueError(
+            f"`budget`={budget} leaves no room for even one rank of one layer; raise it."
+        )
     r = int(lora_kwargs.pop("r", max(1, round(sum(ranks.values()) / len(ranks)))))
     alpha = float(lora_kwargs.pop("lora_alpha", 8))
     names = sorted(ranks)
     return LoraConfig(
-        r=r, lora_alpha=alpha,
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scales alike
         target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
         rank_pattern={f"^{re.escape(n)}": ranks[n] for n in names},
         alpha_pattern={f"^{re.escape(n)}": alpha * ranks[n] / r for n in names},
-        **lora_kwargs)
+        **lora_kwargs,
+    )
 
 
 def _low_rank_capable(module: nn.Module) -> bool:
@@ -120,5 +163,5 @@ def _lora_cost(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         k = module.kernel_size[0] * module.kernel_size[1]
         return module.in_channels * k + module.out_channels
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     return weight.shape[0] + weight.shape[1]

@@ -13,27 +13,27 @@ pooler (embeddings are frozen and shared); GPT-2 every Conv1D (`lm_head` is the 
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
 
 from torch import nn
 
 from .registry import adapter_class_for, is_norm, supported_layer_types
 
-Patterns = Optional[Union[list[str], str]]
+Patterns = list[str] | str | None
 
 
-def name_matches(name: str, pattern: Union[list[str], str]) -> bool:
+def name_matches(name: str, pattern: list[str] | str) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
-def _inside(name: str, parent: Optional[str]) -> bool:
+def _inside(name: str, parent: str | None) -> bool:
     return parent is not None and (name == parent or name.startswith(parent + "."))
 
 
-def select_targets(model: nn.Module, head: Optional[str], target_modules: Patterns,
-                   exclude_modules: Patterns) -> list[str]:
+def select_targets(
+    model: nn.Module, head: str | None, target_modules: Patterns, exclude_modules: Patterns
+) -> list[str]:
     """Names of the modules to wrap with adapter layers, in model order.
 
     Raises ValueError when nothing is found, when a `target_modules` or `exclude_modules`
@@ -65,9 +65,9 @@ def select_targets(model: nn.Module, head: Optional[str], target_modules: Patter
     return outer
 
 
-def select_norms(model: nn.Module, head: Optional[str], targets: list[str]) -> list[str]:
+def select_norms(model: nn.Module, head: str | None, targets: list[str]) -> list[str]:
     """Names of the normalisation layers that get per-task copies (outside the head)."""
-    names = []
+    names: list[str] = []
     for name, module in model.named_modules():
         if not name or _inside(name, head) or any(_inside(name, t) for t in targets):
             continue
@@ -78,8 +78,7 @@ def select_norms(model: nn.Module, head: Optional[str], targets: list[str]) -> l
     return names
 
 
-def _check_entries_select(model: nn.Module, patterns: Union[list[str], str],
-                          chosen: list[str]) -> None:
+def _check_entries_select(model: nn.Module, patterns: list[str] | str, chosen: list[str]) -> None:
     """Each `target_modules` entry must select at least one module of a supported type."""
     entries = [patterns] if isinstance(patterns, str) else patterns
     for entry in entries:
@@ -108,8 +107,9 @@ def _check_patterns_match(model: nn.Module, option: str, patterns: Patterns) -> 
         return
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n in names)]
     if missing:
-        raise ValueError(f"`{option}` entries {missing} match no module of the model "
-                         f"(e.g. {names[:5]}).")
+        raise ValueError(
+            f"`{option}` entries {missing} match no module of the model (e.g. {names[:5]})."
+        )
 
 
 def _describe(model: nn.Module, names: list[str]) -> str:

@@ -24,13 +24,21 @@ TOPICS: dict[str, str] = {
     "health": "doctor clinic fever vaccine diet sleep muscle therapy nurse pill heart exercise",
     "money": "bank loan price stock budget salary tax invest market coin profit debt",
 }
-FILLER = ("the a this that some very quite today yesterday really new old big small good bad "
-          "people city news report story week morning evening about after before").split()
+FILLER = (
+    "the a this that some very quite today yesterday really new old big small good bad "
+    "people city news report story week morning evening about after before"
+).split()
 
 
-def topic_task(topics: list[str], n_train: int, n_test: int, seed: int = 0,
-               topic_words: int = 4, filler_words: int = 8,
-               distractor_words: int = 2) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def topic_task(
+    topics: list[str],
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    topic_words: int = 4,
+    filler_words: int = 8,
+    distractor_words: int = 2,
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(train, test) lists of (sentence, label), label = index of the sentence's topic.
 
     Example:
@@ -45,13 +53,17 @@ def topic_task(topics: list[str], n_train: int, n_test: int, seed: int = 0,
 
     def sentence(label: int) -> str:
         other = rng.choice([t for t in TOPICS if t != topics[label]])
-        words = rng.sample(TOPICS[topics[label]].split(), topic_words) + \
-            rng.sample(FILLER, filler_words) + rng.sample(TOPICS[other].split(), distractor_words)
+        words = (
+            rng.sample(TOPICS[topics[label]].split(), topic_words)
+            + rng.sample(FILLER, filler_words)
+            + rng.sample(TOPICS[other].split(), distractor_words)
+        )
         rng.shuffle(words)
         return " ".join(words)
 
     def make(n: int) -> list[tuple[str, int]]:
         return [(sentence(y), y) for y in (rng.randrange(len(topics)) for _ in range(n))]
+
     return make(n_train), make(n_test)
 
 
@@ -60,9 +72,14 @@ class TokenizedText(torch.utils.data.Dataset):
     `labels`, ...): what `transformers.Trainer` and `ContinualTrainer` both take."""
 
     def __init__(self, pairs: list[tuple[str, int]], tokenizer: Any, max_length: int = 24):
-        texts, labels = zip(*pairs)
-        self.encoded = tokenizer(list(texts), padding="max_length", truncation=True,
-                                 max_length=max_length, return_tensors="pt")
+        texts, labels = zip(*pairs, strict=False)
+        self.encoded = tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         self.labels = torch.tensor(labels)
 
     def __len__(self) -> int:
@@ -72,8 +89,14 @@ class TokenizedText(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.encoded.items()}, "labels": self.labels[i]}
 
 
-def topic_tasks(tokenizer: Any, groups: list[list[str]], n_train: int = 240, n_test: int = 120,
-                seed: int = 0, max_length: int = 24) -> list[TaskData]:
+def topic_tasks(
+    tokenizer: Any,
+    groups: list[list[str]],
+    n_train: int = 240,
+    n_test: int = 120,
+    seed: int = 0,
+    max_length: int = 24,
+) -> list[TaskData]:
     """One `TaskData` per group of topics (e.g. `[["sport", "food"], ["tech", "music"]]`),
     tokenized, named `topics-<first>-<second>...`.
 
@@ -86,8 +109,13 @@ def topic_tasks(tokenizer: Any, groups: list[list[str]], n_train: int = 240, n_t
     tasks = []
     for i, topics in enumerate(groups):
         train, test = topic_task(topics, n_train, n_test, seed=seed + i)
-        tasks.append(TaskData(name="topics-" + "-".join(topics), classes=list(range(len(topics))),
-                              train=TokenizedText(train, tokenizer, max_length),
-                              test=TokenizedText(test, tokenizer, max_length),
-                              class_names=list(topics)))
+        tasks.append(
+            TaskData(
+                name="topics-" + "-".join(topics),
+                classes=list(range(len(topics))),
+                train=TokenizedText(train, tokenizer, max_length),
+                test=TokenizedText(test, tokenizer, max_length),
+                class_names=list(topics),
+            )
+        )
     return tasks

@@ -5,8 +5,9 @@ ranks and growth, and the run's plots as images at the end. With no tracker it d
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -21,7 +22,7 @@ class RunTracker:
     `train/loss`, `accuracy/<task>`, `accuracy/mean`, `growth/<task>`, `growth/total`,
     `ranks/<task>/mean`, `ranks/<task>/<layer>` and `plots/<name>`."""
 
-    def __init__(self, accelerator: "Accelerator", project: str) -> None:
+    def __init__(self, accelerator: Accelerator, project: str) -> None:
         self.accelerator = accelerator
         self.project = project
         self.on = bool(getattr(accelerator, "log_with", None))
@@ -29,10 +30,18 @@ class RunTracker:
 
     def start(self, config: Any, options: dict[str, Any]) -> None:
         if self.on:
-            flat = {f"train_{k}": v for k, v in dataclasses.asdict(config).items()
-                    if isinstance(v, (int, float, str, bool))}
-            flat.update({f"halrp_{k}": v for k, v in options.items()
-                         if isinstance(v, (int, float, str, bool))})
+            flat = {
+                f"train_{k}": v
+                for k, v in dataclasses.asdict(config).items()
+                if isinstance(v, (int, float, str, bool))
+            }
+            flat.update(
+                {
+                    f"halrp_{k}": v
+                    for k, v in options.items()
+                    if isinstance(v, (int, float, str, bool))
+                }
+            )
             self.accelerator.init_trackers(self.project, config=flat)
 
     def train_step(self, loss: float, task_index: int) -> None:
@@ -40,11 +49,12 @@ class RunTracker:
             self.accelerator.log({"train/loss": loss, "train/task": task_index}, step=self.step)
         self.step += 1
 
-    def task_done(self, tasks: list[str], row: list[float], name: str, stats: "TaskStats",
-                  total_growth: float) -> None:
+    def task_done(
+        self, tasks: list[str], row: list[float], name: str, stats: TaskStats, total_growth: float
+    ) -> None:
         if not self.on:
             return
-        values: dict[str, float] = {f"accuracy/{t}": a for t, a in zip(tasks, row)}
+        values: dict[str, float] = {f"accuracy/{t}": a for t, a in zip(tasks, row, strict=False)}
         values["accuracy/mean"] = sum(row) / len(row)
         values[f"growth/{name}"] = stats.growth
         values["growth/total"] = total_growth
@@ -53,20 +63,29 @@ class RunTracker:
         values.update({f"ranks/{name}/{layer}": r for layer, r in ranks.items()})
         self.accelerator.log(values, step=self.step)
 
-    def finish(self, output_dir: Optional[Path]) -> None:
+    def finish(self, output_dir: Path | None) -> None:
         if not self.on:
             return
         if output_dir is not None:
-            self._log_plots(output_dir)
+            try:
+                self._log_plots(output_dir)
+            except Exception as err:  # the run's files are written; never fail it here
+                warnings.warn(
+                    f"could not send the plots to the trackers: {type(err).__name__}: {err}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.accelerator.end_training()
 
     def _log_plots(self, output_dir: Path) -> None:
         import numpy as np
         from PIL import Image
 
-        images = {f"plots/{name}": np.asarray(Image.open(output_dir / f"{name}.png")
-                                              .convert("RGB"))
-                  for name in PLOTS if (output_dir / f"{name}.png").is_file()}
+        images = {
+            f"plots/{name}": np.asarray(Image.open(output_dir / f"{name}.png").convert("RGB"))
+            for name in PLOTS
+            if (output_dir / f"{name}.png").is_file()
+        }
         for tracker in self.accelerator.trackers:
             if images and hasattr(tracker, "log_images"):
                 try:

@@ -17,9 +17,10 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +45,12 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 128  # global: split over the processes
     eval_batch_size: int = 256
-    lr_decay: Optional[float] = None  # per-step multiplier (the reference's gamma); None: none
-    trial_epochs: Optional[int] = None  # None: the HalrpConfig's
-    trial_steps: Optional[int] = None
+    lr_decay: float | None = None  # per-step multiplier (the reference's gamma); None: none
+    trial_epochs: int | None = None  # None: the HalrpConfig's
+    trial_steps: int | None = None
     seed: int = 0
     num_workers: int = 0
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     save_adapters: bool = True
     # The reference trains tasks after the first for `epochs - trial epochs`: the trial has
     # already seen the data (its biases, norms and head carry over).
@@ -75,15 +76,18 @@ class RunState:
     times: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> "RunState":
+    def read(cls, path: Path) -> RunState:
         data = json.loads(path.read_text())
-        return cls(finished=list(data["finished"]), matrix=[list(r) for r in data["matrix"]],
-                   times=dict(data["times"]))
+        return cls(
+            finished=list(data["finished"]),
+            matrix=[list(r) for r in data["matrix"]],
+            times=dict(data["times"]),
+        )
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
@@ -108,24 +112,34 @@ class ContinualTrainer:
         (2, 0.0)
     """
 
-    def __init__(self, handle: HalrpModel, tasks: Sequence[TaskData], config: TrainConfig,
-                 accelerator: Optional[Accelerator] = None, output_dir: Optional[str] = None,
-                 loss_fn: Optional[LossFn] = None, progress: bool = True,
-                 log: Optional[Callable[..., None]] = None,
-                 tracker_project: str = "halrp") -> None:
+    def __init__(
+        self,
+        handle: HalrpModel,
+        tasks: Sequence[TaskData],
+        config: TrainConfig,
+        accelerator: Accelerator | None = None,
+        output_dir: str | None = None,
+        loss_fn: LossFn | None = None,
+        progress: bool = True,
+        log: Callable[..., None] | None = None,
+        tracker_project: str = "halrp",
+    ) -> None:
         if not isinstance(handle, HalrpModel):
-            raise TypeError(f"`handle` must come from halrp_adapt.attach, got "
-                            f"{type(handle).__name__}.")
+            raise TypeError(
+                f"`handle` must come from halrp_adapt.attach, got {type(handle).__name__}."
+            )
         names = [t.name for t in tasks]
         if len(set(names)) != len(names) or not names:
-            raise ValueError(f"`tasks` must be a non-empty sequence with distinct names, got "
-                             f"{names}.")
+            raise ValueError(
+                f"`tasks` must be a non-empty sequence with distinct names, got {names}."
+            )
         self.handle, self.tasks, self.config = handle, list(tasks), config
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         n = self.accelerator.num_processes
         if config.batch_size % n:
-            raise ValueError(f"`batch_size` {config.batch_size} (global) must be divisible by "
-                             f"the {n} processes.")
+            raise ValueError(
+                f"`batch_size` {config.batch_size} (global) must be divisible by the {n} processes."
+            )
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.loss_fn = loss_fn or default_loss
         self.progress = progress and self.accelerator.is_local_main_process
@@ -139,15 +153,21 @@ class ContinualTrainer:
             self._log(message)
 
     def _loader(self, dataset: Any, train: bool, seed: int) -> DataLoader:
-        per_process = (self.config.batch_size if train else self.config.eval_batch_size)
+        per_process = self.config.batch_size if train else self.config.eval_batch_size
         if train:
             per_process //= self.accelerator.num_processes
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=per_process, shuffle=train, generator=generator,
-                          num_workers=self.config.num_workers, drop_last=False)
+        return DataLoader(
+            dataset,
+            batch_size=per_process,
+            shuffle=train,
+            generator=generator,
+            num_workers=self.config.num_workers,
+            drop_last=False,
+        )
 
     @property
-    def adapters_dir(self) -> Optional[Path]:
+    def adapters_dir(self) -> Path | None:
         return None if self.output_dir is None else self.output_dir / "adapters"
 
     # ---- resume ------------------------------------------------------------------------------
@@ -155,19 +175,24 @@ class ContinualTrainer:
         if self.output_dir is None or not (self.output_dir / STATE_NAME).exists():
             return
         state = RunState.read(self.output_dir / STATE_NAME)
-        expected = [t.name for t in self.tasks[:len(state.finished)]]
+        expected = [t.name for t in self.tasks[: len(state.finished)]]
         if state.finished != expected:
-            raise ValueError(f"{self.output_dir} holds a run of tasks {state.finished}, not a "
-                             f"prefix of this run's {[t.name for t in self.tasks]}; use a new "
-                             "`output_dir`.")
+            raise ValueError(
+                f"{self.output_dir} holds a run of tasks {state.finished}, not a "
+                f"prefix of this run's {[t.name for t in self.tasks]}; use a new "
+                "`output_dir`."
+            )
         if state.finished:
             from .loading import load
 
             if self.handle.tasks:
-                raise ValueError("resuming needs a handle without tasks: the finished tasks "
-                                 f"come from {self.adapters_dir}.")
+                raise ValueError(
+                    "resuming needs a handle without tasks: the finished tasks "
+                    f"come from {self.adapters_dir}."
+                )
             # Load onto the plain backbone, so that a backbone trained by the first task
             # (train_base) comes back from the shelf too.
+            assert self.adapters_dir is not None  # output_dir is set
             self.handle = load(self.handle.unload(), self.adapters_dir, tasks=state.finished)
             self.handle.set_task(None)
         self.state = state
@@ -183,23 +208,35 @@ class ContinualTrainer:
             loader = self._loader(task.train, train=True, seed=seed)
             fisher = self._loader(task.val, train=False, seed=seed) if task.val else None
             # the whole global batch on one process, as in a single-process run
-            loader = DataLoader(loader.dataset, batch_size=self.config.batch_size, shuffle=True,
-                                generator=torch.Generator().manual_seed(seed),
-                                num_workers=self.config.num_workers)
-            ranks = [handle.estimate_ranks(loader, loss_fn=self.loss_fn, fisher_data=fisher,
-                                           epochs=self.config.trial_epochs,
-                                           steps=self.config.trial_steps)]
+            loader = DataLoader(
+                loader.dataset,
+                batch_size=self.config.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+                num_workers=self.config.num_workers,
+            )
+            ranks = [
+                handle.estimate_ranks(
+                    loader,
+                    loss_fn=self.loss_fn,
+                    fisher_data=fisher,
+                    epochs=self.config.trial_epochs,
+                    steps=self.config.trial_steps,
+                )
+            ]
         if acc.num_processes == 1:
             return
         ranks = broadcast_object_list(ranks, from_process=0)
         if not acc.is_main_process:
             for layer_name, layer in handle.adapter_layers().items():
-                layer.set_scales(name, torch.ones(layer.out_features),
-                                 torch.ones(layer.in_features))
+                layer.set_scales(
+                    name, torch.ones(layer.out_features), torch.ones(layer.in_features)
+                )
                 k = ranks[0].get(layer_name, 0)
                 if k:
-                    layer.set_low_rank(name, torch.zeros(k, layer.in_features),
-                                       torch.zeros(layer.out_features, k))
+                    layer.set_low_rank(
+                        name, torch.zeros(k, layer.in_features), torch.zeros(layer.out_features, k)
+                    )
             handle._make_trainable(name)
         for tensor in _live_task_tensors(handle, name).values():
             tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
@@ -208,8 +245,9 @@ class ContinualTrainer:
         cfg = self.config
         if not cfg.subtract_trial_epochs or self.handle._tasks[task.name].trains_base:
             return cfg.epochs
-        trial = cfg.trial_epochs if cfg.trial_epochs is not None else \
-            self.handle.config.trial_epochs
+        trial = (
+            cfg.trial_epochs if cfg.trial_epochs is not None else self.handle.config.trial_epochs
+        )
         return max(cfg.epochs - trial, 1)
 
     def _train(self, task: TaskData, seed: int, index: int = 0) -> None:
@@ -224,8 +262,12 @@ class ContinualTrainer:
         from tqdm.auto import tqdm
 
         for epoch in range(epochs):
-            bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
-                       disable=not self.progress, leave=False)
+            bar = tqdm(
+                loader,
+                desc=f"{task.name} epoch {epoch + 1}/{epochs}",
+                disable=not self.progress,
+                leave=False,
+            )
             for batch in bar:
                 loss = self.loss_fn(model, batch) + handle.regularization_loss()
                 optimizer.zero_grad(set_to_none=True)
@@ -260,8 +302,7 @@ class ContinualTrainer:
         with handle.task(task.name):
             for batch in loader:
                 inputs, labels = self._split(batch)
-                logits = logits_of(handle(**inputs) if isinstance(inputs, dict) else
-                                   handle(inputs))
+                logits = logits_of(handle(**inputs) if isinstance(inputs, dict) else handle(inputs))
                 predictions, labels = acc.gather_for_metrics((logits.argmax(-1), labels))
                 correct += int((predictions == labels).sum())
                 total += labels.numel()
@@ -279,8 +320,10 @@ class ContinualTrainer:
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Learn every task not yet finished; return the metrics (also written to disk)."""
-        from .reporting import summarize, write_outputs
+        from .reporting import check_plotting, summarize, write_outputs
 
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            check_plotting()  # fail now, not after the last task has trained
         self._resume()
         self.tracker.start(self.config, self.handle.config.options())
         for t, task in enumerate(self.tasks):
@@ -295,25 +338,36 @@ class ContinualTrainer:
                 self._estimate(task, seed)
                 times["estimate"] = time.perf_counter() - start
                 ranks = self.handle.task_stats(task.name).ranks
-                self.log(f"[{task.name}] ranks estimated in {times['estimate']:.1f}s: mean "
-                         f"{sum(ranks.values()) / max(len(ranks), 1):.1f} over {len(ranks)} "
-                         "layers")
+                self.log(
+                    f"[{task.name}] ranks estimated in {times['estimate']:.1f}s: mean "
+                    f"{sum(ranks.values()) / max(len(ranks), 1):.1f} over {len(ranks)} "
+                    "layers"
+                )
             mark = time.perf_counter()
             self._train(task, seed, t)
             times["train"] = time.perf_counter() - mark
             mark = time.perf_counter()
             stats = self.handle.end_task()
             times["prune"] = time.perf_counter() - mark
-            self.log(f"[{task.name}] trained in {times['train']:.1f}s, pruned to growth "
-                     f"{stats.growth:.4f} (budget {self.handle.config.budget})")
+            self.log(
+                f"[{task.name}] trained in {times['train']:.1f}s, pruned to growth "
+                f"{stats.growth:.4f} (budget {self.handle.config.budget})"
+            )
             mark = time.perf_counter()
-            row = [self.evaluate(seen) for seen in self.tasks[:t + 1]]
+            row = [self.evaluate(seen) for seen in self.tasks[: t + 1]]
             times["evaluate"] = time.perf_counter() - mark
             self.handle.record_metrics(task.name, accuracy=row[-1])
-            self.log(f"[{task.name}] accuracy {row[-1]:.2f}%; all tasks: "
-                     + " ".join(f"{a:.1f}" for a in row))
-            self.tracker.task_done([s.name for s in self.tasks[:t + 1]], row, task.name, stats,
-                                   self.handle.report().total_growth)
+            self.log(
+                f"[{task.name}] accuracy {row[-1]:.2f}%; all tasks: "
+                + " ".join(f"{a:.1f}" for a in row)
+            )
+            self.tracker.task_done(
+                [s.name for s in self.tasks[: t + 1]],
+                row,
+                task.name,
+                stats,
+                self.handle.report().total_growth,
+            )
             self.state.matrix.append(row)
             self.state.finished.append(task.name)
             self.state.times[task.name] = times
@@ -334,6 +388,7 @@ class ContinualTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         mark = time.perf_counter()
         if self.config.save_adapters:
+            assert self.adapters_dir is not None  # output_dir is set
             self.handle.save_pretrained(self.adapters_dir, tasks=[task.name])
         self.state.times[task.name]["save"] = time.perf_counter() - mark
         payload = json.dumps(dataclasses.asdict(self.state), indent=2).encode()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,8 +11,14 @@ from torch import nn
 from .losses import LossFn
 
 
-def trial_finetune(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, epochs: int,
-                   steps: Optional[int], lr: float) -> int:
+def trial_finetune(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    epochs: int,
+    steps: int | None,
+    lr: float,
+) -> int:
     """Train every parameter of `model` with Adam, unregularised; return the steps taken.
 
     `steps`, when given, stops training after that many batches whatever `epochs` says
@@ -35,7 +42,9 @@ def trial_finetune(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, epoch
             if steps is not None and taken >= steps:
                 break
         if seen == 0:
-            raise ValueError("`data`: the trial data yielded no batch; give an iterable of "
-                             "(inputs, labels) batches or dicts, with at least one batch.")
+            raise ValueError(
+                "`data`: the trial data yielded no batch; give an iterable of "
+                "(inputs, labels) batches or dicts, with at least one batch."
+            )
         epoch += 1
     return taken

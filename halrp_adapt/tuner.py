@@ -12,16 +12,22 @@ There is one implementation: the tuner keeps no state of its own and drives the 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, cast
 
-from peft.mapping import (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING,
-                          PEFT_TYPE_TO_TUNER_MAPPING)
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import HalrpConfig, HalrpType
 from .model import HalrpModel
 from .routing import NOT_ADDITIVE, TaskRouted
+
+if TYPE_CHECKING:
+    from peft.config import PeftConfig
 
 
 class HalrpTuner(BaseTuner):
@@ -39,10 +45,16 @@ class HalrpTuner(BaseTuner):
             raise RuntimeError("this model has no HALRP handle (it was unloaded).")
         return handle
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str,
-                       autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
-                       state_dict: Optional[dict] = None, **kwargs: Any) -> None:
-        config = self.peft_config[adapter_name]
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        config = cast(HalrpConfig, self.peft_config[adapter_name])  # this tuner holds only these
         handle = HalrpModel.of(model)
         if handle is None:
             handle = HalrpModel(model, config)
@@ -54,10 +66,10 @@ class HalrpTuner(BaseTuner):
         raise NotImplementedError("HALRP wraps layers through HalrpModel, not one by one.")
 
     @staticmethod
-    def _check_target_module_exists(peft_config: HalrpConfig, key: str) -> bool:
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
         return False
 
-    def _prepare_adapter_config(self, peft_config: HalrpConfig, model_config: dict) -> HalrpConfig:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -70,8 +82,7 @@ class HalrpTuner(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """HALRP's tensors keep the dtype of the layers they belong to."""
 
-    def set_adapter(self, adapter_name: Union[str, list[str]],
-                    inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) != 1:
             raise ValueError(f"{NOT_ADDITIVE}; got {names}.")
@@ -98,8 +109,12 @@ class HalrpTuner(BaseTuner):
     def enable_adapter_layers(self) -> None:
         self._enable_adapter_layers(True)
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         """The model merged for one task (the active one, or `adapter_names[0]`), in place."""
         names = adapter_names or self.active_adapters
         if len(names) != 1:
@@ -112,6 +127,8 @@ class HalrpTuner(BaseTuner):
 
 def register_with_peft() -> None:
     """Enter HALRP in PEFT's tables (idempotent; done on `import halrp_adapt`)."""
-    PEFT_TYPE_TO_CONFIG_MAPPING[HalrpType.HALRP] = HalrpConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[HalrpType.HALRP] = HalrpTuner
-    PEFT_TYPE_TO_PREFIX_MAPPING[HalrpType.HALRP] = HalrpTuner.prefix
+    # The tables are typed as keyed by PeftType, which cannot be extended; PEFT looks them up
+    # by value, and HalrpType.HALRP is a str member equal to "HALRP".
+    PEFT_TYPE_TO_CONFIG_MAPPING[HalrpType.HALRP] = HalrpConfig  # type: ignore[index]
+    PEFT_TYPE_TO_TUNER_MAPPING[HalrpType.HALRP] = HalrpTuner  # type: ignore[index]
+    PEFT_TYPE_TO_PREFIX_MAPPING[HalrpType.HALRP] = HalrpTuner.prefix  # type: ignore[index]

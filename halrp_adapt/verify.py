@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .serialization import PEFT_PREFIX
-from .storage import (CONFIG_NAME, INDEX_NAME, LOCK_NAME, WEIGHTS_NAME, read_index,
-                      read_task_config, read_tensors)
+from .storage import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    LOCK_NAME,
+    WEIGHTS_NAME,
+    read_index,
+    read_task_config,
+    read_tensors,
+)
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Verification:
         return not self.problems
 
 
-def verify_shelf(root: str | Path, trusted: Optional[Path] = None) -> Verification:
+def verify_shelf(root: str | Path, trusted: Path | None = None) -> Verification:
     """Read the index, then each task's config and tensors: checksums and sizes against the
     index, tensors finite, a factor for every layer the config gives a rank.
 
@@ -51,15 +57,20 @@ def verify_shelf(root: str | Path, trusted: Optional[Path] = None) -> Verificati
     result.tasks = list(index["tasks"])
     for task in result.tasks:
         result.problems += [f"{task}: {p}" for p in _task_problems(root, task, index, trusted)]
-    known = set(result.tasks) | {INDEX_NAME, LOCK_NAME, "base_model.safetensors", "README.md",
-                                 ".gitattributes"}
+    known = set(result.tasks) | {
+        INDEX_NAME,
+        LOCK_NAME,
+        "base_model.safetensors",
+        "README.md",
+        ".gitattributes",
+    }
     for path in sorted(root.iterdir()):
         if path.name.endswith(".tmp") or (path.is_dir() and path.name not in known):
             result.notes.append(f"{path.name}: not in the index (left by an interrupted save?)")
     return result
 
 
-def _task_problems(root: Path, task: str, index: dict, trusted: Optional[Path]) -> list[str]:
+def _task_problems(root: Path, task: str, index: dict, trusted: Path | None) -> list[str]:
     problems = []
     recorded = index["task_info"].get(task, {}).get("files", {})
     for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -71,10 +82,13 @@ def _task_problems(root: Path, task: str, index: dict, trusted: Optional[Path]) 
         if record is None:
             continue  # shelves written before checksums were recorded
         data = path.read_bytes()
-        if len(data) != record.get("bytes") or \
-                hashlib.sha256(data).hexdigest() != record.get("sha256"):
-            problems.append(f"{name} differs from the index ({len(data)} bytes, "
-                            f"{record.get('bytes')} recorded; checksum mismatch)")
+        if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get(
+            "sha256"
+        ):
+            problems.append(
+                f"{name} differs from the index ({len(data)} bytes, "
+                f"{record.get('bytes')} recorded; checksum mismatch)"
+            )
     if problems:
         return problems
     try:

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  val_fraction=args.val_fraction)
     except ValueError as err:
         parser.error(str(err))
-    return run_tasks(args, efficientnet_lite0_imagenet(), tasks)
+    try:
+        model = efficientnet_lite0_imagenet()
+    except ImportError as err:
+        parser.error(str(err))
+    return run_tasks(args, model, tasks)
 
 
 if __name__ == "__main__":

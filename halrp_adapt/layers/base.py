@@ -11,7 +11,7 @@ The math works on a *canonical* weight of shape (out, in_per_group, kernel_area)
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import cast
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -25,8 +25,9 @@ def _own(t: Tensor, like: Tensor) -> nn.Parameter:
     """A contiguous copy of `t` on `like`'s device and dtype. Contiguous on purpose: a factor
     sliced out of an SVD is strided, and the same values in another memory layout take another
     matmul path, which would break bit-identical outputs after a save/load round trip."""
-    return nn.Parameter(t.detach().to(like.device, like.dtype).clone(
-        memory_format=torch.contiguous_format))
+    return nn.Parameter(
+        t.detach().to(like.device, like.dtype).clone(memory_format=torch.contiguous_format)
+    )
 
 
 class HalrpLayer(TaskRouted):
@@ -37,8 +38,15 @@ class HalrpLayer(TaskRouted):
     see `sparse.py`), so that `state_dict()` and the saved files follow the pruned size.
     """
 
-    adapter_layer_names = ("halrp_r", "halrp_s", "halrp_A", "halrp_B", "halrp_bias",
-                           "halrp_A_values", "halrp_B_values")
+    adapter_layer_names = (
+        "halrp_r",
+        "halrp_s",
+        "halrp_A",
+        "halrp_B",
+        "halrp_bias",
+        "halrp_A_values",
+        "halrp_B_values",
+    )
     other_param_names = ("halrp_A_mask", "halrp_B_mask")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -64,7 +72,7 @@ class HalrpLayer(TaskRouted):
     # ---- geometry: subclasses override -------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return cast(Tensor, self.base_layer.weight)
 
     @property
     def out_features(self) -> int:
@@ -94,7 +102,7 @@ class HalrpLayer(TaskRouted):
     def from_canonical(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
         """`x` through diag(r) W0 diag(s), without bias."""
         raise NotImplementedError
 
@@ -111,10 +119,12 @@ class HalrpLayer(TaskRouted):
         """Give `task` identity scales (if `scales`) and a copy of the base bias; no factors."""
         w = self.weight
         if scales:
-            self.halrp_r[task] = nn.Parameter(torch.ones(self.out_features, device=w.device,
-                                                         dtype=w.dtype))
-            self.halrp_s[task] = nn.Parameter(torch.ones(self.in_features, device=w.device,
-                                                         dtype=w.dtype))
+            self.halrp_r[task] = nn.Parameter(
+                torch.ones(self.out_features, device=w.device, dtype=w.dtype)
+            )
+            self.halrp_s[task] = nn.Parameter(
+                torch.ones(self.in_features, device=w.device, dtype=w.dtype)
+            )
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             self.halrp_bias[task] = _own(bias, bias)
@@ -127,12 +137,19 @@ class HalrpLayer(TaskRouted):
     def set_low_rank(self, task: str, A: Tensor, B: Tensor) -> None:
         """Set the task's factors: A is (k, in), B is (out, k)."""
         if not self.supports_low_rank:
-            raise ValueError(f"{type(self).__name__} with groups={self.groups} has no low-rank "
-                             "path; only its scales are adapted.")
-        if A.shape[1] != self.in_features or B.shape[0] != self.out_features \
-                or A.shape[0] != B.shape[1]:
-            raise ValueError(f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
-                             f"layer of in={self.in_features}, out={self.out_features}.")
+            raise ValueError(
+                f"{type(self).__name__} with groups={self.groups} has no low-rank "
+                "path; only its scales are adapted."
+            )
+        if (
+            A.shape[1] != self.in_features
+            or B.shape[0] != self.out_features
+            or A.shape[0] != B.shape[1]
+        ):
+            raise ValueError(
+                f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
+                f"layer of in={self.in_features}, out={self.out_features}."
+            )
         w = self.weight
         self._drop_factors(task)
         self.halrp_A[task] = _own(A, w)
@@ -143,7 +160,7 @@ class HalrpLayer(TaskRouted):
         k = self.rank(task)
         return (k, self.in_features) if which == "A" else (self.out_features, k)
 
-    def factor(self, task: str, which: str) -> Optional[Tensor]:
+    def factor(self, task: str, which: str) -> Tensor | None:
         """The task's dense factor `which` ("A" or "B"), expanded if held compactly."""
         dense = getattr(self, f"halrp_{which}")
         if task in dense:
@@ -151,8 +168,9 @@ class HalrpLayer(TaskRouted):
         values = getattr(self, f"halrp_{which}_values")
         if task not in values:
             return None
-        return expand(values[task], getattr(self, f"halrp_{which}_mask")[task],
-                      self.factor_shape(task, which))
+        return expand(
+            values[task], getattr(self, f"halrp_{which}_mask")[task], self.factor_shape(task, which)
+        )
 
     @torch.no_grad()
     def compact_factors(self, task: str) -> None:
@@ -162,11 +180,12 @@ class HalrpLayer(TaskRouted):
             if task in dense and worth_compacting(dense[task]):
                 values, mask = compact(dense[task])
                 del dense[task]
-                getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(values,
-                                                                             requires_grad=False)
+                getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(
+                    values, requires_grad=False
+                )
                 getattr(self, f"halrp_{which}_mask")[task] = mask
 
-    def add_factor_skeleton(self, task: str, rank: int, nonzeros: dict[str, Optional[int]]) -> None:
+    def add_factor_skeleton(self, task: str, rank: int, nonzeros: dict[str, int | None]) -> None:
         """Empty factors of the right shapes, to be filled by `load_state_dict`: dense where
         `nonzeros[which]` is None, compact with that many values otherwise."""
         w = self.weight
@@ -177,16 +196,25 @@ class HalrpLayer(TaskRouted):
             count = nonzeros.get(which)
             if count is None:
                 getattr(self, f"halrp_{which}")[task] = nn.Parameter(
-                    torch.zeros(shape, device=w.device, dtype=w.dtype))
+                    torch.zeros(shape, device=w.device, dtype=w.dtype)
+                )
                 continue
             getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(
-                torch.zeros(count, device=w.device, dtype=w.dtype), requires_grad=False)
+                torch.zeros(count, device=w.device, dtype=w.dtype), requires_grad=False
+            )
             getattr(self, f"halrp_{which}_mask")[task] = torch.zeros(
-                (shape[0] * shape[1] + 7) // 8, device=w.device, dtype=torch.uint8)
+                (shape[0] * shape[1] + 7) // 8, device=w.device, dtype=torch.uint8
+            )
 
     def _drop_factors(self, task: str) -> None:
-        for attr in ("halrp_A", "halrp_B", "halrp_A_values", "halrp_B_values", "halrp_A_mask",
-                     "halrp_B_mask"):
+        for attr in (
+            "halrp_A",
+            "halrp_B",
+            "halrp_A_values",
+            "halrp_B_values",
+            "halrp_A_mask",
+            "halrp_B_mask",
+        ):
             container = getattr(self, attr)
             if task in container:
                 del container[task]
@@ -211,7 +239,7 @@ class HalrpLayer(TaskRouted):
             return self.base_layer(x)
         return self.task_forward(x, task)
 
-    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The base layer's operation with another weight (in the base layout) and bias."""
         raise NotImplementedError
 
@@ -229,8 +257,11 @@ class HalrpLayer(TaskRouted):
             return False
         if self.weight.requires_grad:
             return True
-        return any(d[task].requires_grad for d in (self.halrp_r, self.halrp_s, self.halrp_A,
-                                                   self.halrp_B, self.halrp_bias) if task in d)
+        return any(
+            d[task].requires_grad
+            for d in (self.halrp_r, self.halrp_s, self.halrp_A, self.halrp_B, self.halrp_bias)
+            if task in d
+        )
 
     def folded_forward(self, x: Tensor, task: str) -> Tensor:
         bias = self.halrp_bias[task] if task in self.halrp_bias else None
@@ -243,15 +274,20 @@ class HalrpLayer(TaskRouted):
         if task in self.halrp_bias:
             y = y + self.channel_view(self.halrp_bias[task])
         if self.rank(task):
-            y = y + self.low_rank_forward(x, self.factor(task, "A"), self.factor(task, "B"))
+            A, B = self.factor(task, "A"), self.factor(task, "B")
+            assert A is not None and B is not None  # a task with a rank holds both factors
+            y = y + self.low_rank_forward(x, A, B)
         return y
 
     def expand_input_scale(self, s: Tensor) -> Tensor:
         """s (in,) as an (out, in_per_group) grid matching the canonical weight."""
         g = self.groups
         per_group = s.numel() // g
-        return s.view(g, 1, per_group).expand(g, self.out_features // g, per_group).reshape(
-            self.out_features, per_group)
+        return (
+            s.view(g, 1, per_group)
+            .expand(g, self.out_features // g, per_group)
+            .reshape(self.out_features, per_group)
+        )
 
     def merged_weight(self, task: str) -> Tensor:
         """The task's full weight W_t in the base layer's layout."""
@@ -260,7 +296,9 @@ class HalrpLayer(TaskRouted):
             wc = wc * self.halrp_r[task][:, None, None]
             wc = wc * self.expand_input_scale(self.halrp_s[task])[:, :, None]
         if self.rank(task):
-            wc = wc + (self.factor(task, "B") @ self.factor(task, "A"))[:, :, None]
+            B, A = self.factor(task, "B"), self.factor(task, "A")
+            assert A is not None and B is not None  # a task with a rank holds both factors
+            wc = wc + (B @ A)[:, :, None]
         return self.from_canonical(wc)
 
     @torch.no_grad()

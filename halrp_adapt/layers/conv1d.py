@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -27,11 +25,11 @@ class HalrpConv1D(HalrpLayer):
     def from_canonical(self, weight: Tensor) -> Tensor:
         return weight.squeeze(-1).t().contiguous()
 
-    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         y = torch.matmul(x, weight)
         return y if bias is None else y + bias
 
-    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
         y = torch.matmul(x if s is None else x * s, self.weight)
         return y if r is None else y * r
 

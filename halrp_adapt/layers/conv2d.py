@@ -9,7 +9,7 @@ would mix channels the base kernel never connects.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,7 +20,8 @@ from .base import HalrpLayer
 def _timm_pad_same(conv: nn.Conv2d, x: Tensor) -> Tensor:
     from timm.layers.padding import pad_same
 
-    return pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
+    # timm annotates these as List[int] but indexes them only; its own Conv2dSame passes tuples.
+    return pad_same(x, conv.kernel_size, conv.stride, conv.dilation)  # type: ignore[arg-type]
 
 
 # Conv2d subclasses that pad their input in forward (TensorFlow-style "SAME"): how to pad.
@@ -31,13 +32,15 @@ DYNAMIC_PADDING: dict[str, Callable[[nn.Conv2d, Tensor], Tensor]] = {
 }
 
 
-def _padder(conv: nn.Module) -> Optional[Callable[[nn.Conv2d, Tensor], Tensor]]:
+def _padder(conv: nn.Module) -> Callable[[nn.Conv2d, Tensor], Tensor] | None:
     cls = type(conv)
     return DYNAMIC_PADDING.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 class HalrpConv2d(HalrpLayer):
     """`y = conv(x * s, W0) * r + bias + window_sum(x A^T) B^T` for the active task."""
+
+    base_layer: nn.Conv2d
 
     @classmethod
     def handles_forward_of(cls, module: nn.Module) -> bool:
@@ -72,13 +75,13 @@ class HalrpConv2d(HalrpLayer):
         pad = _padder(self.base_layer)
         return super().task_forward(x if pad is None else pad(self.base_layer, x), task)
 
-    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = self.base_layer
         if _padder(conv) is not None:  # x is already padded
             return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
         return conv._conv_forward(x, weight, bias)
 
-    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
         # Scaling input channels commutes with zero, reflect, replicate and circular padding.
         conv = self.base_layer
         h = x if s is None else x * s.view(-1, 1, 1)

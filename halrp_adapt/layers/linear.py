@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,10 +33,10 @@ class HalrpLinear(HalrpLayer):
     def from_canonical(self, weight: Tensor) -> Tensor:
         return weight.squeeze(-1)
 
-    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def scaled_forward(self, x: Tensor, r: Optional[Tensor], s: Optional[Tensor]) -> Tensor:
+    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
         y = F.linear(x if s is None else x * s, self.weight)
         return y if r is None else y * r
 

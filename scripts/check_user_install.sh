@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The user's path, as the README's Install section gives it: a clean venv with only
+# `pip install .` (no extras, no test tools), then the CLI, an import of every public module
+# and a short run of the main recipe (2 tasks, 1 epoch) to its end, plots included. It runs
+# outside the repository, so that only the installed package is importable.
+# pip's cache is kept, so a second run installs from it.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+venv="$work/venv"
+log="$work/install.log"
+
+echo "user install: pip install . into an empty venv ..."
+"$PYTHON" -m venv "$venv"
+{
+  "$venv/bin/python" -m pip install --upgrade pip
+  "$venv/bin/python" -m pip install "$repo"
+} >"$log" 2>&1 || { tail -n 30 "$log"; echo "user install: pip install . failed" >&2; exit 1; }
+
+cd "$work"
+"$venv/bin/halrp-adapt" --help >/dev/null
+"$venv/bin/python" - <<'EOF'
+import importlib
+import pkgutil
+
+import halrp_adapt
+
+names = ["halrp_adapt"] + [m.name for m in pkgutil.walk_packages(halrp_adapt.__path__,
+                                                                 "halrp_adapt.")]
+for name in names:
+    importlib.import_module(name)
+print(f"user install: imported {len(names)} modules")
+EOF
+
+run="$work/run"
+HF_HUB_OFFLINE=1 "$venv/bin/accelerate" launch \
+  "$repo/recipes/vit_split_imagenet.py" --num-tasks 2 --epochs 1 --no-progress \
+  --output-dir "$run" >"$work/run.log" 2>&1 \
+  || { tail -n 40 "$work/run.log"; echo "user install: the recipe failed" >&2; exit 1; }
+for f in metrics.json accuracy_matrix.csv accuracy_matrix.png ranks.png growth.png \
+         adapters/halrp_index.json; do
+  [ -s "$run/$f" ] || { tail -n 40 "$work/run.log"; echo "user install: $f missing" >&2; exit 1; }
+done
+grep -E "^ACC " "$work/run.log" || true
+echo "user install: OK (CLI, imports, 2-task recipe with plots)"
