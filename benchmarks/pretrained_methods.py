@@ -13,6 +13,9 @@ same data, epochs, batches and seeds for every method, budget 0.05 per task:
 
 Prints ACC, BWT, parameters per task and wall time per method, with the targets; with
 `--orders K`, learns the same tasks in K task orders and reports OPD / MOPD / AOPD per method (study 3).
+Every method's BatchNorm running statistics are recomputed with its final weights when a task
+ends (HALRP: `end_task(calibration_data=...)`; the others: `update_bn`); `--no-calibration`
+keeps the statistics gathered during training, as before.
 Writes benchmarks/results/pretrained_methods.json and .png.
 
     python benchmarks/pretrained_methods.py                 # 5 tasks, 2 epochs, 1 order
@@ -33,6 +36,7 @@ from typing import Callable
 import torch
 from timm.data import create_transform
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
@@ -83,6 +87,13 @@ def fit(model: nn.Module, params, data, epochs: int, lr: float,
             step += 1
 
 
+def recalibrate(model: nn.Module, data, args) -> None:
+    """What HALRP's end_task(calibration_data=...) does, given to every peer: BatchNorm running
+    statistics recomputed with the final weights on the task's training batches."""
+    if args.calibrate:
+        update_bn(data, model)
+
+
 def backbone(num_classes: int = 2) -> nn.Module:
     model = efficientnet_lite0_imagenet()
     model.reset_classifier(num_classes)
@@ -102,7 +113,7 @@ def run_halrp(tasks, args, seed) -> dict:
         cl.estimate_ranks(task.train_batches, epochs=1)
         fit(cl, cl.trainable_parameters(), task.train_batches, args.epochs, args.lr,
             extra_loss=cl.regularization_loss)
-        stats = cl.end_task()
+        stats = cl.end_task(calibration_data=task.train_batches if args.calibrate else None)
         params.append(stats.stored_params + stats.head_params)
         row = []
         for seen in tasks[:t + 1]:
@@ -162,6 +173,7 @@ def run_peft(kind: str, tasks, args, seed, rank: int, targets: list[str]) -> dic
         after = (lambda s, m=peft_model: m.base_model.update_and_allocate(s)) \
             if kind == "adalora" else None
         fit(peft_model, trainable, task.train_batches, args.epochs, args.lr, after_step=after)
+        recalibrate(peft_model, task.train_batches, args)
         params.append(sum(p.numel() for p in trainable))
         finals[task.name] = accuracy(peft_model, task.test_batches)
         matrix.append([finals[s.name] for s in tasks[:t + 1]])  # isolated: never changes
@@ -174,6 +186,7 @@ def run_full_ft(tasks, args, seed) -> dict:
         torch.manual_seed(seed + t)
         model = backbone(task.num_classes)
         fit(model, model.parameters(), task.train_batches, args.epochs, args.lr)
+        recalibrate(model, task.train_batches, args)
         finals[task.name] = accuracy(model, task.test_batches)
         matrix.append([finals[s.name] for s in tasks[:t + 1]])
     full = sum(p.numel() for p in backbone().parameters())
@@ -189,6 +202,7 @@ def run_seq_ft(tasks, args, seed) -> dict:
         model.reset_classifier(task.num_classes)
         heads[task.name] = model.classifier
         fit(model, model.parameters(), task.train_batches, args.epochs, args.lr)
+        recalibrate(model, task.train_batches, args)  # the shared norms: every task's
         row = []
         for seen in tasks[:t + 1]:
             model.classifier = heads[seen.name]
@@ -247,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--data", choices=["embedded", "full"], default="embedded")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                        help="keep the running statistics gathered during training (every "
+                        "method); the default recomputes them when a task ends")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     args.tasks, args.limit = (2, 2) if args.quick else (5, None)

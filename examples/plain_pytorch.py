@@ -25,7 +25,7 @@ for t, classes in enumerate([[0, 1, 2], [3, 4, 5], [6, 7, 8]]):
         for x, y in train:
             loss = nn.functional.cross_entropy(cl(x), y) + cl.regularization_loss()
             optimizer.zero_grad(); loss.backward(); optimizer.step()  # noqa: E702
-    print(f"task{t}:", cl.end_task())                         # prune to the budget, freeze
+    print(f"task{t}:", cl.end_task(calibration_data=train))   # prune, norm statistics, freeze
 
 cl.eval()
 for t, classes in enumerate([[0, 1, 2], [3, 4, 5], [6, 7, 8]]):

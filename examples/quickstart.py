@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        cl.end_task()
+        cl.end_task(calibration_data=train)  # prune, recompute norm statistics, freeze
         row = []
         for j, loader in enumerate(tests):
             with cl.task(f"task{j}"):

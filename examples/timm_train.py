@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[float]:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-            cl.end_task()
+            cl.end_task(calibration_data=loaders["train"])
             cl.eval()
             with torch.no_grad(), cl.task(f"task{t}"):
                 hits = [(cl(x).argmax(1) == y).float() for x, y in loaders["test"]]

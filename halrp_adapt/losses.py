@@ -55,6 +55,27 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def batch_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's positional and keyword inputs in a batch: `(x, y, ...)` gives `x`, a dict
+    its entries without the label keys, a tensor itself."""
+    if isinstance(batch, Mapping):
+        return (), {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],), {}
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    raise TypeError(
+        f"a batch must be a tensor, a tuple `(inputs, ...)` or a dict of model inputs; got "
+        f"{type(batch).__name__}."
+    )
+
+
+def forward_batch(model: nn.Module, batch: Any) -> Any:
+    """`model`'s output on a batch's inputs (see `batch_inputs`)."""
+    args, kwargs = batch_inputs(move_to(batch, device_of(model)))
+    return model(*args, **kwargs)
+
+
 def default_loss(model: nn.Module, batch: Any) -> Tensor:
     """Cross-entropy of `model` on a batch: `(x, y)` or a dict with `labels`/`label`.
 

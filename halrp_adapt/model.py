@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -23,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
+from .calibration import recalibrate_norm_statistics, task_batch_norms
 from .config import HalrpConfig
 from .heads import TaskHead, find_head
 from .layers import HalrpLayer
-from .losses import LossFn
+from .losses import LossFn, batch_inputs
 from .norms import TaskNorm
 from .pruning import prune_, prune_threshold
 from .registry import adapter_class_for
@@ -87,6 +90,7 @@ class HalrpModel(nn.Module):
         self.config = config
         self._tasks: dict[str, TaskInfo] = {}
         self._trainable: list[nn.Parameter] = []  # the open task's, while it trains
+        self._warned_uncalibrated = False
         head = find_head(model, config.head_module)
         self.base_class = f"{type(model).__module__}.{type(model).__qualname__}"
         if head is not None and _is_tied(model, head):
@@ -392,15 +396,56 @@ class HalrpModel(nn.Module):
         zero = torch.zeros((), device=next(self.parameters()).device)
         return cfg.l1 * (zero if l1 is None else l1) + cfg.wd * (zero if wd is None else wd) / 2
 
-    def end_task(self) -> TaskStats:
-        """Prune the open task's factors to the budget, freeze it, and return its stats."""
+    def end_task(
+        self,
+        calibration_data: Iterable[Any] | None = None,
+        max_calibration_batches: int | None = None,
+    ) -> TaskStats:
+        """Prune the open task's factors to the budget, recompute its norm statistics, freeze it,
+        and return its stats.
+
+        `calibration_data` (the task's training batches, e.g. its DataLoader) gives the task's
+        BatchNorm copies running statistics measured with the weights it keeps, after pruning:
+        statistics gathered while the weights moved lag behind them. A task with running
+        statistics ended without it keeps those lagging statistics, with a warning.
+        """
         info = self._require_open("end_task()")
         task = info.name
+        if max_calibration_batches is not None and (
+            isinstance(max_calibration_batches, bool)
+            or not isinstance(max_calibration_batches, int)
+            or max_calibration_batches < 1
+        ):
+            raise ValueError(
+                f"`max_calibration_batches` must be None or an int >= 1, got "
+                f"{max_calibration_batches!r}."
+            )
+        has_statistics = bool(task_batch_norms(self, task))
+        batches = None
+        if calibration_data is not None and has_statistics:
+            # Empty data or batches of the wrong kind are refused before anything changes.
+            iterator = iter(calibration_data)
+            first = next(iterator, None)
+            if first is None:
+                raise ValueError("`calibration_data` yielded no batch.")
+            batch_inputs(first)
+            batches = itertools.chain([first], iterator)
         layers = self.adapter_layers()
+        if not info.trains_base:
+            self._prune(task, layers)
+        if batches is not None:
+            recalibrate_norm_statistics(self, task, batches, max_calibration_batches)
+        elif calibration_data is None and has_statistics and not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            warnings.warn(
+                "end_task() without `calibration_data`: the task's BatchNorm running statistics "
+                "were gathered while its weights moved and do not match the weights it keeps; "
+                "pass its training data, e.g. end_task(calibration_data=train_loader).",
+                UserWarning,
+                stacklevel=2,
+            )
         if info.trains_base:
             self._adopt_as_base(task)
-        else:
-            self._prune(task, layers)
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)

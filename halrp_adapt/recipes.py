@@ -75,6 +75,12 @@ def add_training_args(
     )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms: the same command gives bit-identical "
+        "results (slower on GPU)",
+    )
+    group.add_argument(
         "--output-dir",
         default=output_dir,
         help="adapters, metrics, plots; rerun the same command to resume",
@@ -113,6 +119,14 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--lr must be > 0, got {args.lr}")
     check_output_dir(parser, args.output_dir)
     check_run_dependencies(parser, args)
+
+
+def seed_run(args: argparse.Namespace) -> None:
+    """Seed everything (and switch to deterministic algorithms with `--deterministic`) before
+    the recipe builds its model and data, so that its initial weights follow `--seed` too."""
+    from .trainer import seed_everything
+
+    seed_everything(args.seed, args.deterministic)
 
 
 def check_run_dependencies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -178,6 +192,7 @@ def run_tasks(
         lr=args.lr,
         batch_size=args.batch_size,
         lr_decay=args.lr_decay,
+        deterministic=args.deterministic,
         trial_steps=args.trial_steps,
         seed=args.seed,
         subtract_trial_epochs=epochs_after_trial,

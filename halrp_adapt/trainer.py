@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
 from .losses import LossFn, default_loss, logits_of, move_to
@@ -55,6 +56,8 @@ class TrainConfig:
     # The reference trains tasks after the first for `epochs - trial epochs`: the trial has
     # already seen the data (its biases, norms and head carry over).
     subtract_trial_epochs: bool = False
+    # Deterministic algorithms: two runs give bit-identical accuracy matrices (slower on GPU).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -85,10 +88,26 @@ class RunState:
         )
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed `random`, numpy and torch (accelerate's `set_seed`); with `deterministic`, also make
+    torch use deterministic algorithms (and cuBLAS a fixed workspace), so that two runs of the
+    same command give bit-identical results.
+
+    Example::
+
+        seed_everything(0, deterministic=True)   # before building the model
+    """
+    if deterministic:
+        # cuBLAS refuses deterministic mode without a fixed workspace; read when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(seed % (2**32), deterministic=deterministic)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds each worker's torch from its generator; numpy and random follow it.
+    seed = torch.initial_seed() % (2**32)
+    np.random.seed(seed)
     random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 class ContinualTrainer:
@@ -163,6 +182,7 @@ class ContinualTrainer:
             shuffle=train,
             generator=generator,
             num_workers=self.config.num_workers,
+            worker_init_fn=_seed_worker,
             drop_last=False,
         )
 
@@ -280,7 +300,6 @@ class ContinualTrainer:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 self.tracker.train_step(value, index)
         acc.free_memory()  # drop the prepared wrappers: the next task prepares afresh
-        self._sync_task_state(task.name)
 
     def _sync_task_state(self, name: str) -> None:
         """Give every process the main process's copy of the task (what gets saved). The
@@ -330,7 +349,7 @@ class ContinualTrainer:
             if task.name in self.state.finished:
                 continue
             seed = self.config.seed + 1000 * t
-            seed_everything(seed)
+            seed_everything(seed, self.config.deterministic)
             times: dict[str, float] = {}
             start = time.perf_counter()
             self.handle.add_task(task.name, num_classes=task.num_classes)
@@ -347,7 +366,11 @@ class ContinualTrainer:
             self._train(task, seed, t)
             times["train"] = time.perf_counter() - mark
             mark = time.perf_counter()
-            stats = self.handle.end_task()
+            # The task's norm statistics, recomputed with the weights it keeps (every process
+            # passes over the whole training set, then takes the main process's copy).
+            calibration = self._loader(task.train, train=False, seed=seed)
+            stats = self.handle.end_task(calibration_data=calibration)
+            self._sync_task_state(task.name)
             times["prune"] = time.perf_counter() - mark
             self.log(
                 f"[{task.name}] trained in {times['train']:.1f}s, pruned to growth "

@@ -14,8 +14,13 @@ import sys
 
 from timm.data import create_transform
 
-from halrp_adapt.recipes import (add_training_args, check_training_args, recipe_parser,
-                                 run_tasks)
+from halrp_adapt.recipes import (
+    add_training_args,
+    check_training_args,
+    recipe_parser,
+    run_tasks,
+    seed_run,
+)
 from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
 from halrp_adapt.zoo import efficientnet_lite0_imagenet
 
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--num-tasks must be in 1..10 (10 classes), got {args.num_tasks}")
     if args.img_size < 16:
         parser.error(f"--img-size must be >= 16, got {args.img_size}")
+    seed_run(args)  # the model's initial weights and the data order follow --seed
     train, test = embedded_fashion_mnist(args.data)
     transform = create_transform(input_size=(3, args.img_size, args.img_size), crop_pct=1.0,
                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

@@ -21,8 +21,13 @@ import numpy as np
 
 from halrp_adapt.fashion_mnist import DEBIAN_DIR, load_fashion_mnist
 from halrp_adapt.permuted_tasks import permuted_tasks
-from halrp_adapt.recipes import (add_training_args, check_training_args, recipe_parser,
-                                 run_tasks)
+from halrp_adapt.recipes import (
+    add_training_args,
+    check_training_args,
+    recipe_parser,
+    run_tasks,
+    seed_run,
+)
 from halrp_adapt.zoo import lenet
 
 MNIST = "ylecun/mnist"
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset = "mnist" if mnist_cached() else (
             "fashion-mnist-full" if (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
             else "fashion-mnist")
+    seed_run(args)  # the model's initial weights and the data order follow --seed
     arrays = load_arrays(args.dataset)
     tasks = permuted_tasks(*arrays["train"], *arrays["test"], num_tasks=args.num_tasks,
                            seed=args.seed, val_fraction=args.val_fraction,

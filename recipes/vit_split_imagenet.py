@@ -19,10 +19,15 @@ from pathlib import Path
 import timm
 from timm.data import create_transform, resolve_data_config
 
-from halrp_adapt.recipes import (add_training_args, check_timm_model, check_training_args,
-                                 recipe_parser, run_tasks)
-from halrp_adapt.task_splits import (embedded_fashion_mnist, load_image_dataset,
-                                     split_into_tasks)
+from halrp_adapt.recipes import (
+    add_training_args,
+    check_timm_model,
+    check_training_args,
+    recipe_parser,
+    run_tasks,
+    seed_run,
+)
+from halrp_adapt.task_splits import embedded_fashion_mnist, load_image_dataset, split_into_tasks
 
 IMAGENET = "timm/imagenet-1k-wds"
 
@@ -82,6 +87,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     parser = args.parser
+    seed_run(args)  # the model's initial weights and the data order follow --seed
     if args.small:
         train, test = embedded_fashion_mnist("full" if args.dataset.endswith("full")
                                              else "embedded")

@@ -108,7 +108,7 @@ def learn_task(cl, name: str, data, num_classes=None, loss_fn=None, steps: int =
     if not cl._tasks[name].trains_base:
         cl.estimate_ranks(data, steps=steps, loss_fn=loss_fn)
     train_steps(cl, data, steps=steps, loss_fn=loss_fn)
-    cl.end_task()
+    cl.end_task(calibration_data=data)
 
 
 def learn_pruned_task(cl, name: str, data, num_classes=None, loss_fn=None) -> None:
@@ -124,7 +124,7 @@ def learn_pruned_task(cl, name: str, data, num_classes=None, loss_fn=None) -> No
             layer.set_low_rank(name, 0.1 * torch.randn(k, layer.in_features),
                                0.1 * torch.randn(layer.out_features, k))
     train_steps(cl, data, steps=1, loss_fn=loss_fn)
-    cl.end_task()
+    cl.end_task(calibration_data=data)
 
 
 def outputs_of(cl, inputs) -> dict:

@@ -103,6 +103,13 @@ CASES = [
     # end_task, set_task, merge
     Case("end-task-no-task", lambda w: w.idle.end_task(),
          RuntimeError, r"end_task\(\) needs a task in training"),
+    Case("end-task-calibration-empty", lambda w: w.busy.end_task(calibration_data=[]),
+         ValueError, r"`calibration_data` yielded no batch"),
+    Case("end-task-calibration-batch", lambda w: w.busy.end_task(calibration_data=[3]),
+         TypeError, r"a batch must be a tensor, a tuple `\(inputs, \.\.\.\)` or a dict"),
+    Case("end-task-calibration-cap",
+         lambda w: w.busy.end_task(calibration_data=DATA, max_calibration_batches=0),
+         ValueError, r"`max_calibration_batches` must be None or an int >= 1, got 0"),
     Case("set-task-unknown", lambda w: w.idle.set_task("zzz"),
          ValueError, r"`name`: unknown task 'zzz'; known tasks: \['a'\]"),
     Case("set-task-type", lambda w: w.idle.set_task(3),

@@ -84,7 +84,9 @@ class HalrpTrainer(Trainer):
                 )
             self.optimizer, self.lr_scheduler = None, None  # built on the task's parameters
         output = super().train(*args, **kwargs)
-        stats = handle.end_task()
+        # Norms with running statistics (BatchNorm) get them recomputed with the final
+        # weights; a model without any (LayerNorm only) skips the pass.
+        stats = handle.end_task(calibration_data=self.get_train_dataloader())
         self.log(
             {
                 "halrp_growth": stats.growth,
