@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
             line += f"  {o['MOPD']:5.2f}  {o['AOPD']:5.2f}"
         print(line)
     print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    out = {"command": "python benchmarks/pretrained_methods.py" + (" " + " ".join(argv or [])
-                                                                   if argv else ""),
+    given = sys.argv[1:] if argv is None else argv
+    out = {"command": " ".join(["python benchmarks/pretrained_methods.py", *given]),
            "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
            "settings": {k: v for k, v in vars(args).items()}, "summary": summary,

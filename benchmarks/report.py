@@ -110,7 +110,12 @@ def pmnist(data: dict) -> list[str]:
 def methods(data: dict, title: str) -> list[str]:
     summary = data["summary"]
     orders = len(next(iter(summary.values()))["acc"])
-    lines = [title, "", f"Command: {_provenance(data)}.", "",
+    calibrated = data["settings"].get("calibrate", False)
+    norms = ("BatchNorm running statistics recomputed with the final weights when each task "
+             "ends, for every method (HALRP: `end_task(calibration_data=...)`, the others: "
+             "`update_bn`)" if calibrated else
+             "BatchNorm running statistics as gathered during training (`--no-calibration`)")
+    lines = [title, "", f"Command: {_provenance(data)}. {norms}.", "",
              "| method | ACC (first order) | BWT | parameters per task | wall s |"
              + (" MOPD | AOPD |" if orders > 1 else ""),
              "|---|---|---|---|---|" + ("---|---|" if orders > 1 else "")]
