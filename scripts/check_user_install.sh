@@ -12,11 +12,18 @@ trap 'rm -rf "$work"' EXIT
 venv="$work/venv"
 log="$work/install.log"
 
+# Install from a copy of the files git tracks or would track: `pip install .` builds inside
+# the tree, and a stale build/ there could ship modules that no longer exist.
+src="$work/src"
+mkdir -p "$src"
+(cd "$repo" && git ls-files -co --exclude-standard -z \
+  | tar --null --ignore-failed-read -T - -cf -) | tar -xf - -C "$src"
+
 echo "user install: pip install . into an empty venv ..."
 "$PYTHON" -m venv "$venv"
 {
   "$venv/bin/python" -m pip install --upgrade pip
-  "$venv/bin/python" -m pip install "$repo"
+  "$venv/bin/python" -m pip install "$src"
 } >"$log" 2>&1 || { tail -n 30 "$log"; echo "user install: pip install . failed" >&2; exit 1; }
 
 cd "$work"
@@ -36,7 +43,7 @@ EOF
 
 run="$work/run"
 HF_HUB_OFFLINE=1 "$venv/bin/accelerate" launch \
-  "$repo/recipes/vit_split_imagenet.py" --num-tasks 2 --epochs 1 --no-progress \
+  "$src/recipes/vit_split_imagenet.py" --num-tasks 2 --epochs 1 --no-progress \
   --output-dir "$run" >"$work/run.log" 2>&1 \
   || { tail -n 40 "$work/run.log"; echo "user install: the recipe failed" >&2; exit 1; }
 for f in metrics.json accuracy_matrix.csv accuracy_matrix.png ranks.png growth.png \
