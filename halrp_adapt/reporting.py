@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .metrics import average_accuracy, backward_transfer, forgetting
 from .storage import atomic_write
+from .tracking import PLOTS
 
 if TYPE_CHECKING:
     from .trainer import ContinualTrainer
@@ -72,9 +73,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PLOT_FILES = ("accuracy_matrix.png", "ranks.png", "growth.png")
-
-
 def check_plotting() -> None:
     """Raise ImportError, naming what to install, when the run's plots could not be drawn.
 
@@ -110,8 +108,8 @@ def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> list[str]:
-    """Write the run's files into `trainer.output_dir`; return what could not be written.
+def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> None:
+    """Write the run's files into `trainer.output_dir`.
 
     The metrics and tables go first, each written atomically; the plots last. A plot that
     fails is reported (logged and warned) and leaves every other file in place: the trained
@@ -171,12 +169,10 @@ def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> list[str
     )
     trainer.log("\n" + format_table(result))
     written = ["metrics.json", "accuracy_matrix.csv", "tasks.csv", "ranks.csv"]
-    failed: list[str] = []
     try:
         write_plots(out, result, layers)
-        written += PLOT_FILES
+        written += [f"{name}.png" for name in PLOTS]
     except Exception as err:  # a plot must never cost the run its other results
-        failed = [f"plots ({type(err).__name__}: {err})"]
         message = (
             f"could not write the plots: {type(err).__name__}: {err}. The metrics, "
             f"tables and adapters are in {out}."
@@ -185,7 +181,6 @@ def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> list[str
         trainer.log(message)
     adapters = ", adapters/" if trainer.config.save_adapters else ""
     trainer.log(f"results in {out}: {', '.join(written)}{adapters}")
-    return failed
 
 
 def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> None:

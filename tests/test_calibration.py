@@ -59,7 +59,7 @@ def test_statistics_equal_update_bn_on_the_merged_task():
     # update_bn on a plain model holding task b's final weights: the reference result.
     plain = cl.merge("b")
     update_bn(loader, plain)
-    ours = [bn for bn in task_batch_norms(cl, "b")]
+    ours = task_batch_norms(cl, "b")
     theirs = [m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs):
