@@ -90,7 +90,13 @@ class HalrpConfig(PeftConfig):
         default=None,
         metadata={"help": "Stop the trial fine-tune after this many steps (overrides epochs)."},
     )
-    trial_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the trial."})
+    trial_lr: float | str = field(
+        default="auto",
+        metadata={
+            "help": "Adam learning rate of the trial, or 'auto': by kind of backbone "
+            "(trial.TRIAL_LRS; the paper's 1e-3 for a backbone trained by the first task)."
+        },
+    )
     svd: str = field(
         default="auto",
         metadata={
@@ -150,10 +156,14 @@ class HalrpConfig(PeftConfig):
             )
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
         _check_number("explained", self.explained, low=0.0, high=1.0, low_open=True)
-        for name in ("l1", "wd", "prune_floor", "trial_lr"):
+        for name in ("l1", "wd", "prune_floor"):
             _check_number(name, getattr(self, name), low=0.0, high=None)
-        if isinstance(self.trial_lr, (int, float)) and self.trial_lr == 0:
-            raise ValueError("`trial_lr` must be > 0, got 0.")
+        if self.trial_lr != "auto":
+            if isinstance(self.trial_lr, str):
+                raise ValueError(
+                    f"`trial_lr` must be 'auto' or a number > 0, got {self.trial_lr!r}."
+                )
+            _check_number("trial_lr", self.trial_lr, low=0.0, high=None, low_open=True)
         _check_int("upper_rank", self.upper_rank, minimum=1)
         _check_int("trial_epochs", self.trial_epochs, minimum=0)
         _check_int("randomized_min_dim", self.randomized_min_dim, minimum=1)

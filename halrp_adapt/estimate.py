@@ -14,7 +14,7 @@ from .allocation import LayerSpectrum, budget_ranks, explained_ranks
 from .decompose import decompose, factors_from_svd, fit_scales, residual
 from .fisher import empirical_fisher
 from .losses import LossFn, default_loss
-from .trial import trial_finetune
+from .trial import resolve_trial_lr, trial_finetune
 
 if TYPE_CHECKING:
     from .model import HalrpModel
@@ -29,6 +29,7 @@ class EstimateResult:
     fisher: dict[str, float]
     singular_values: dict[str, torch.Tensor] = field(repr=False)
     trial_steps: int = 0
+    trial_lr: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)  # trial, fisher, decompose, allocate
 
 
@@ -51,6 +52,24 @@ def _adopt_trial_state(handle: HalrpModel, task: str, trial_modules: dict[str, A
     if head is not None:
         assert handle.head_name is not None  # task_head() is None without a head name
         head.halrp_head[task].load_state_dict(trial_modules[handle.head_name].state_dict())
+
+
+def kept_parameter_names(handle: HalrpModel, plain: torch.nn.Module) -> set[str]:
+    """The parameters of `plain` (a merged copy) that the task keeps: the adapted layers'
+    weights (through scales and factors) and biases, the task's norms and head.
+
+    The trial trains only these. Anything else (embeddings, a head tied to them, layers left
+    unadapted) is shared and frozen, so a trial that moved it would fit the adapted layers to
+    a model the task never runs, and the start would be off by the change thrown away.
+    """
+    owners = [*handle.adapter_layers(), *handle.task_norms()]
+    if handle.task_head() is not None and handle.head_name is not None:
+        owners.append(handle.head_name)
+    return {
+        name
+        for name, _ in plain.named_parameters()
+        if any(name.startswith(owner + ".") for owner in owners)
+    }
 
 
 def estimate_task(
@@ -79,13 +98,17 @@ def estimate_task(
 
     # 1. Trial fine-tune of a plain copy of the task's model, every weight free.
     trial = handle.merge(task)
+    trial_lr = resolve_trial_lr(
+        cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
+    )
     taken = trial_finetune(
         trial,
         data,
         loss_fn,
         epochs=cfg.trial_epochs if epochs is None else epochs,
         steps=cfg.trial_steps if steps is None else steps,
-        lr=cfg.trial_lr if lr is None else lr,
+        lr=trial_lr,
+        trainable=kept_parameter_names(handle, trial),
     )
     trial_modules = dict(trial.named_modules())
     lap("trial")
@@ -148,5 +171,6 @@ def estimate_task(
         fisher=fisher,
         singular_values={n: s.S for n, s in spectra.items()},
         trial_steps=taken,
+        trial_lr=trial_lr,
         seconds=seconds,
     )

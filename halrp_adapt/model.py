@@ -140,6 +140,11 @@ class HalrpModel(nn.Module):
         return next((n for n, t in self._tasks.items() if not t.finished), None)
 
     @property
+    def backbone_trained_here(self) -> bool:
+        """Whether a task of this model trained the backbone itself (`train_base=True`)."""
+        return any(info.trains_base for info in self._tasks.values())
+
+    @property
     def active_task(self) -> str | None:
         """The task the next forward runs (None: the frozen backbone)."""
         for module in self._routed():

@@ -28,7 +28,7 @@ from .decompose import decompose
 from .estimate import svd_method
 from .fisher import empirical_fisher
 from .losses import LossFn, default_loss
-from .trial import trial_finetune
+from .trial import resolve_trial_lr, trial_finetune
 
 
 def suggest_lora_config(
@@ -43,7 +43,7 @@ def suggest_lora_config(
     upper_rank: int = 64,
     trial_epochs: int = 1,
     trial_steps: int | None = None,
-    trial_lr: float = 1e-3,
+    trial_lr: float | str = "auto",
     fisher_data: Iterable[Any] | None = None,
     **lora_kwargs: Any,
 ) -> Any:
@@ -97,7 +97,7 @@ def suggest_lora_config(
         loss_fn,
         epochs=options.trial_epochs,
         steps=options.trial_steps,
-        lr=options.trial_lr,
+        lr=resolve_trial_lr(options.trial_lr, model),
     )
     modules = dict(trial.named_modules())
     fisher = empirical_fisher(

@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .losses import LossFn
+
+# The trial's Adam learning rate when `trial_lr="auto"`, by kind of backbone (README, "Trial
+# defaults"). The paper's 1e-3 suits a backbone trained from scratch by the model's first task
+# and pretrained CNNs; full fine-tuning a pretrained transformer at 1e-3 moves it far from the
+# weights every task shares, and the SVD start then carries that overshoot into the task.
+TRIAL_LRS: dict[str, float] = {
+    "trained-here": 1e-3,
+    "cnn": 1e-3,
+    "transformer": 1e-4,
+    "causal-lm": 1e-5,
+}
+
+
+def backbone_kind(model: nn.Module, trained_here: bool = False) -> str:
+    """Which of `TRIAL_LRS`'s kinds `model` is.
+
+    "trained-here" when a task of this model trained the backbone (the paper's protocol);
+    "causal-lm" for a transformers model that generates text; "cnn" for a network with
+    BatchNorm; "transformer" otherwise (LayerNorm or RMSNorm networks: ViT, BERT, ConvNeXt).
+
+    Example:
+        >>> import torch
+        >>> backbone_kind(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+        'cnn'
+    """
+    if trained_here:
+        return "trained-here"
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        return "causal-lm"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "cnn"
+    return "transformer"
+
+
+def resolve_trial_lr(lr: float | str, model: nn.Module, trained_here: bool = False) -> float:
+    """`lr` itself, or for "auto" the `TRIAL_LRS` entry of `model`'s kind."""
+    if lr == "auto":
+        return TRIAL_LRS[backbone_kind(model, trained_here)]
+    return float(lr)
 
 
 def trial_finetune(
@@ -18,15 +58,19 @@ def trial_finetune(
     epochs: int,
     steps: int | None,
     lr: float,
+    trainable: Collection[str] | None = None,
 ) -> int:
-    """Train every parameter of `model` with Adam, unregularised; return the steps taken.
+    """Train `model`'s parameters named in `trainable` (default: all) with Adam, unregularised;
+    return the steps taken. The others are frozen for the trial.
 
     `steps`, when given, stops training after that many batches whatever `epochs` says
     (looping over `data` again if needed).
     """
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or name in trainable)
+        if p.requires_grad:
+            params.append(p)
     optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     taken = 0
