@@ -672,6 +672,8 @@ def summarize(sequences: dict[str, dict], methods: list[str]) -> dict:
                     finals.append(dict(zip(names, result["test"][-1], strict=True)))
                 row[m]["order_robustness"] = order_robustness(finals)
         table[name] = row
+    if not table:
+        raise SystemExit("no sequence finished its sweep: nothing to summarize")
     overall = {m: statistics.mean(table[s][m]["acc_mean"] for s in table) for m in methods}
     targets: dict[str, bool] = {}
     if {"halrp", "lora"} <= set(methods):
@@ -810,21 +812,40 @@ def run_parallel(args, given: list[str]) -> list[Path]:
     return finished
 
 
+def _job_free(command: str) -> str:
+    """A part's command without its per-job options: the command that runs every job."""
+    words, out, skip = command.split(), [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("--job", "--out", "--chosen-from", "--sequences"):
+            skip = True
+        else:
+            out.append(word)
+    return " ".join(out)
+
+
 def merge_files(files: list[Path], methods: list[str]) -> dict[str, dict]:
     """Sequences from full result files and from job parts (grouped and merged)."""
     sequences: dict[str, dict] = {}
     parts: dict[str, list] = {}
+    where: dict[str, set] = {}
     for f in files:
         data = json.loads(f.read_text())
         if "part" in data:
-            parts.setdefault(data["part"]["sequence"], []).append(data["part"]["data"])
+            name = data["part"]["sequence"]
+            parts.setdefault(name, []).append(data["part"]["data"])
+            where.setdefault(name, set()).add((data["machine"], _job_free(data["command"])))
         else:
-            sequences.update(data["sequences"])
+            for name, runs in data["sequences"].items():
+                sequences[name] = {**runs, "ran_on": runs.get("ran_on")
+                                   or [{"machine": data["machine"], "command": data["command"]}]}
     for name, found in parts.items():
         if not any("sweep" in p for p in found):
             print(f"  {name}: no sweep finished, left out", flush=True)
             continue
         sequences[name] = merge_parts(found, methods)
+        sequences[name]["ran_on"] = [{"machine": m, "command": c} for m, c in sorted(where[name])]
     return sequences
 
 
@@ -856,6 +877,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a folder of sweep parts that fixes the chosen rates")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="summarize these result files or parts into quality.json/png")
+    parser.add_argument("--note", default=None,
+                        help="with --merge: how the parts were made, kept in the results")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     given = list(sys.argv[1:] if argv is None else argv)
@@ -894,6 +917,9 @@ def main(argv: list[str] | None = None) -> dict:
         sequences = merge_files(files, args.methods)
     else:
         sequences = {name: study_sequence(name, args) for name in args.sequences.split(",")}
+        for runs in sequences.values():
+            runs["ran_on"] = [{"machine": _machine(args),
+                               "command": " ".join(["python benchmarks/quality.py", *given])}]
     out = {"command": " ".join(["python benchmarks/quality.py", *given]),
            "date": time.strftime("%Y-%m-%d"), "machine": _machine(args),
            "settings": _settings(args), "wall_s": time.perf_counter() - started,
@@ -901,7 +927,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:  # the machine and settings of the runs, not of the merge
         first = json.loads(args.merge[0].read_text())
         out.update(machine=first["machine"], settings=first["settings"],
-                   merged_from=[str(p) for p in args.merge])
+                   merged_from=[str(p) for p in args.merge], note=args.note)
     summary = summarize(out["sequences"], args.methods)
     out["summary"] = summary
     print_summary(summary, args.methods)

@@ -258,6 +258,130 @@ def norm_statistics(data: dict) -> list[str]:
     return lines
 
 
+BACKBONES = {"lite0-split-fmnist": "EfficientNet-Lite0", "lite1-permuted-fmnist":
+             "EfficientNet-Lite1", "lite0-split-digits": "EfficientNet-Lite0",
+             "minilm-topics": "all-MiniLM-L6-v2",
+             "vit-split-fmnist": "ViT (demo, trained by task 1)"}
+
+
+def _quality_missed(name: str, d: dict) -> str:
+    table, overall = d["summary"]["table"], d["summary"]["overall_acc"]
+    if name == "halrp_acc_at_least_lora_on_every_sequence":
+        behind = [s for s, r in table.items() if r["halrp"]["acc_mean"] < r["lora"]["acc_mean"]]
+        return "behind on " + "; ".join(
+            f"{s} ({table[s]['halrp']['acc_mean']:.2f} vs {table[s]['lora']['acc_mean']:.2f}, sd "
+            f"{table[s]['halrp']['acc_sd']:.1f} / {table[s]['lora']['acc_sd']:.1f} over "
+            f"{table[s]['halrp']['seeds']} seed(s); a full fine-tune reaches "
+            f"{table[s]['full_ft']['acc_mean']:.2f})" for s in behind) + (
+            ": the sequences whose inputs are farthest from what the backbone learned "
+            "(permuted pixels; a ViT that saw one 2-class task), where every low-budget "
+            "method trails a full fine-tune by far")
+    if name == "halrp_within_2_points_of_full_ft_on_average":
+        gaps = {s: r["full_ft"]["acc_mean"] - r["halrp"]["acc_mean"] for s, r in table.items()}
+        near = [s for s, g in gaps.items() if g <= 2]
+        return (f"{overall['full_ft'] - overall['halrp']:.1f} points on average (per sequence: "
+                + ", ".join(f"{s} {g:.1f}" for s, g in gaps.items()) + "); within 2 points on "
+                + (", ".join(near) or "none") + ", far where the inputs are far from the "
+                "backbone's pretraining: 5% of the backbone per task does not carry that far")
+    if name == "halrp_mopd_lowest_of_isolation_methods":
+        noise = _noise(d)
+        return "; ".join(
+            f"{s}: " + ", ".join(f"{m} {r[m]['order_robustness']['MOPD']:.1f}"
+                                 for m in ("halrp", "lora", "adalora", "full_ft"))
+            for s, r in table.items() if "order_robustness" in r["halrp"]) + (
+            f" (one order per method and seed; identical runs differ by up to "
+            f"{max(noise):.2f} points)" if noise else "")
+    return ""
+
+
+def _noise(data: dict) -> list[float]:
+    pairs = []
+    for s, runs in data["sequences"].items():
+        ablations = runs.get("ablations", {})
+        for seed, row in ablations.get("default", {}).items():
+            if seed in runs["seeds"]:
+                pairs.append(abs(row["acc"] - runs["seeds"][seed]["halrp"]["acc"]))
+            paper = ablations.get("paper trial lr (1e-3)", {}).get(seed)
+            if paper is not None and s.startswith("lite"):
+                pairs.append(abs(row["acc"] - paper["acc"]))
+    return pairs
+
+
+def quality(data: dict) -> list[str]:
+    summary, table = data["summary"], data["summary"]["table"]
+    methods = list(next(iter(table.values())))
+    lines = ["## 8. Quality across backbones, sequences, seeds and orders", "",
+             "`benchmarks/quality.py`: every method gets the same data, epochs (2), batches "
+             "(64) and learning-rate sweep (1e-4, 1e-3, 1e-2, chosen on a 15% validation split "
+             "of each task's training data at seed 0, never on the test set); ACC is the mean "
+             "over seeds 0-2 at the chosen rate. LoRA's rank is set so that it stores what "
+             "HALRP stores per task, norm running statistics counted for both. Where each "
+             "sequence ran:", ""]
+    for s, runs in data["sequences"].items():
+        for where in runs.get("ran_on", []):
+            lines.append(f"- {s}: `{where['command']}` on {where['machine']}")
+    if data.get("note"):
+        lines += ["", data["note"]]
+    merged = sorted({str(Path(p).parent) for p in data.get("merged_from", [])})
+    if merged:
+        lines += ["", "Merged with `python benchmarks/quality.py --merge "
+                  + " ".join(f"{d}/*.json" for d in merged) + "`."]
+    noise = _noise(data)
+    if noise:
+        lines += ["", "Noise: the same configuration run twice (HALRP at its chosen rate, in the "
+                  "sweep and again as the ablations' default; and, on the CNN sequences, the "
+                  "default beside `trial_lr=1e-3`, which is what the default picks there) "
+                  f"differs by {max(noise):.2f} points at most (mean {sum(noise) / len(noise):.2f}"
+                  f", {len(noise)} pairs): GPU kernels are not deterministic. Differences "
+                  "below that are not findings."]
+    lines += ["",
+              "| sequence | backbone | " + " | ".join(methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for s, row in table.items():
+        cells = [f"{row[m]['acc_mean']:.2f} ± {row[m]['acc_sd']:.1f} (n={row[m]['seeds']}, "
+                 f"lr {row[m]['lr']:g})" for m in methods]
+        lines.append(f"| {s} | {BACKBONES.get(s, '')} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | | " + " | ".join(
+        f"**{summary['overall_acc'][m]:.2f}**" for m in methods) + " |")
+    lines += ["", "Parameters stored per task (mean over seeds):", "",
+              "| sequence | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for s, row in table.items():
+        lines.append(f"| {s} | " + " | ".join(f"{row[m]['params_per_task']:,.0f}"
+                                               for m in methods) + " |")
+    ordered = [s for s in table if "order_robustness" in table[s]["halrp"]]
+    if ordered:
+        lines += ["", "Order robustness (seed 0, the task order as split plus 4 random orders):",
+                  "", "| sequence | " + " | ".join(f"{m} MOPD / AOPD" for m in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for s in ordered:
+            lines.append(f"| {s} | " + " | ".join(
+                f"{table[s][m]['order_robustness']['MOPD']:.1f} / "
+                f"{table[s][m]['order_robustness']['AOPD']:.1f}" for m in methods) + " |")
+    if summary["ablations"]:
+        names = sorted({s for per in summary["ablations"].values() for s in per})
+        counts = {s: len(next(iter(data["sequences"][s]["ablations"].values()))) for s in names}
+        base = summary["ablations"].get("default", {})
+        lines += ["", "Ablations (HALRP only, at its chosen rate; ACC mean over the seeds run, "
+                  "n per sequence in the header; the mean and its change are over the sequences "
+                  "every variant ran on):", "",
+                  "| variant | " + " | ".join(f"{s} (n={counts[s]})" for s in names)
+                  + " | mean | vs default |", "|---|" + "---|" * (len(names) + 2)]
+        for label, per in summary["ablations"].items():
+            common = [s for s in names if s in per and s in base]
+            mean = sum(per[s] for s in common) / len(common)
+            delta = mean - sum(base[s] for s in common) / len(common)
+            lines.append(f"| {label} | " + " | ".join(
+                f"{per[s]:.2f}" if s in per else "" for s in names)
+                + f" | {mean:.2f} | {delta:+.2f} |")
+    lines += ["", "![quality](results/quality.png)", ""]
+    for name, ok in summary["targets"].items():
+        line = f"- {name.replace('_', ' ')}: **{'met' if ok else 'missed'}**"
+        if not ok:
+            line += ": " + _quality_missed(name, data)
+        lines.append(line)
+    return lines + [""]
+
+
 def main() -> str:
     parts = ["# Benchmarks", "",
              "Every table below is generated by `python benchmarks/report.py` from "
@@ -276,7 +400,7 @@ def main() -> str:
     parts += ["## 6. GPU", "", "No GPU machine was lent to the session that ran these "
               "benchmarks; the ViT-B/16 bf16 study is still to do.", ""]
     for name, render in (("soak", soak), ("suggest_lora", suggest), ("mixed_batches", mixed),
-                         ("norm_statistics", norm_statistics)):
+                         ("norm_statistics", norm_statistics), ("quality", quality)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
     text = "\n".join(parts)

@@ -90,7 +90,8 @@ def _density(layer: LayerSpectrum, i: int) -> float:
 
 
 def _scores(layers: list[LayerSpectrum]) -> tuple[Tensor, Tensor]:
-    parts = [layer.weight * layer.sigma.double() ** 2 for layer in layers]
+    # Scores are a few thousand numbers: rank them on the CPU whatever device the SVD ran on.
+    parts = [layer.weight * layer.sigma.detach().cpu().double() ** 2 for layer in layers]
     owners = [torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(parts)]
     if not parts:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
