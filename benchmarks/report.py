@@ -322,18 +322,20 @@ def quality(data: dict) -> list[str]:
             lines.append(f"- {s}: `{where['command']}` on {where['machine']}")
     if data.get("note"):
         lines += ["", data["note"]]
-    merged = sorted({str(Path(p).parent) for p in data.get("merged_from", [])})
-    if merged:
+    sources = data.get("merged_from", [])
+    parts = sorted({str(Path(p).parent) + "/*.json" for p in sources if "quality_parts" in p})
+    if sources:
         lines += ["", "Merged with `python benchmarks/quality.py --merge "
-                  + " ".join(f"{d}/*.json" for d in merged) + "`."]
+                  + " ".join(parts + [p for p in sources if "quality_parts" not in p]) + "`."]
     noise = _noise(data)
     if noise:
         lines += ["", "Noise: the same configuration run twice (HALRP at its chosen rate, in the "
                   "sweep and again as the ablations' default; and, on the CNN sequences, the "
                   "default beside `trial_lr=1e-3`, which is what the default picks there) "
                   f"differs by {max(noise):.2f} points at most (mean {sum(noise) / len(noise):.2f}"
-                  f", {len(noise)} pairs): GPU kernels are not deterministic. Differences "
-                  "below that are not findings."]
+                  f", {len(noise)} pairs): these runs are not bit-reproducible (GPU kernels; the "
+                  "CPU run did not use `--deterministic`). Differences below that are not "
+                  "findings."]
     lines += ["",
               "| sequence | backbone | " + " | ".join(methods) + " |",
               "|---|---|" + "---|" * len(methods)]
