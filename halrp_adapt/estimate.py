@@ -96,7 +96,7 @@ def estimate_task(
         seconds[phase] = now - clock
         clock = now
 
-    # 1. Trial fine-tune of a plain copy of the task's model, every weight free.
+    # 1. Trial fine-tune of a plain copy of the task's model: what the task keeps is free.
     trial = handle.merge(task)
     trial_lr = resolve_trial_lr(
         cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
