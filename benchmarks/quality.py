@@ -22,8 +22,9 @@ each learning rate of `--lrs` at seed 0 and the rate with the best validation AC
 the test set); seeds 1 and 2 then run at that rate; ACC is the mean over the 3 seeds. With
 `--orders K`, the first sequences of `--order-sequences` are also learned in K - 1 more task
 orders (seed 0, chosen rates) for OPD / MOPD / AOPD. `--ablations` runs HALRP variants (trial
-learning rate and length, learning rates per kind of parameter, the factors' start) on every
-sequence and seed at HALRP's chosen rate.
+learning rate and length, learning rates per kind of parameter, the factors' start, which
+layers get scales) on every sequence and seed at HALRP's chosen rate; `--ablation-labels` picks
+some of them.
 
 Every method's BatchNorm statistics are recomputed with its final weights when a task ends.
 
@@ -312,12 +313,15 @@ ABLATIONS: dict[str, Variant] = {
     "scales lr x0.1": Variant(lr_scale={"scales": 0.1}),
     "norms and head lr x3": Variant(lr_scale={"norms": 3.0, "head": 3.0}),
     "factors start at B = 0": Variant(start="zero-B"),
+    # How the budget is split: what the scales no longer take goes to the factors.
+    "no scales": Variant(options={"scale_modules": []}),
+    "scales only on layers without factors": Variant(options={"scale_modules": "grouped"}),
 }
 
 
 # --quick runs these, which between them use every field of `Variant`.
 QUICK_ABLATIONS = ("default", "trial lr / 10", "trial 2 epochs", "norms and head lr x3",
-                   "factors start at B = 0")
+                   "factors start at B = 0", "scales only on layers without factors")
 
 
 def _kind(name: str) -> str:
@@ -351,6 +355,9 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
     options = {"budget": args.budget, **variant.options}
     if options.get("trial_lr") == "tenth":
         options["trial_lr"] = TRIAL_LRS[backbone_kind(model, seq.first_trains_backbone)] / 10
+    if options.get("scale_modules") == "grouped":  # grouped convs get no factors
+        options["scale_modules"] = [n for n, m in model.named_modules()
+                                    if getattr(m, "groups", 1) > 1]
     if seq.first_trains_backbone:
         options["train_base"] = True
     cl = halrp_adapt.attach(model, **options)
@@ -606,7 +613,7 @@ def run_job(name: str, job: str, args, chosen: dict[str, float] | None) -> dict:
         seq = make_sequence(name, seed, args)
         out = {}
         for label, variant in ABLATIONS.items():
-            if args.quick and label not in QUICK_ABLATIONS:
+            if label not in args.ablation_labels:
                 continue
             start = time.perf_counter()
             result = run_halrp(seq, seq.tasks, chosen["halrp"], seed, args, variant)
@@ -860,6 +867,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--orders", type=int, default=5)
     parser.add_argument("--order-sequences", default=",".join(ORDER_SEQUENCES))
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--ablation-labels", default=None,
+                        help="comma-separated ABLATIONS labels to run (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--budget", type=float, default=0.05)
@@ -874,7 +883,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--deadline-s", type=float, default=float("inf"))
     parser.add_argument("--job", default=None, help="one job of one sequence (see jobs_of)")
     parser.add_argument("--chosen-from", type=Path, default=None,
-                        help="a folder of sweep parts that fixes the chosen rates")
+                        help="a folder of sweep parts, or a results file, that fixes the "
+                             "chosen rates")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="summarize these result files or parts into quality.json/png")
     parser.add_argument("--note", default=None,
@@ -890,10 +900,19 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError:
         parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
     args.order_sequences = args.order_sequences.split(",")
+    if args.ablation_labels is None:
+        args.ablation_labels = list(QUICK_ABLATIONS if args.quick else ABLATIONS)
+    else:
+        args.ablation_labels = args.ablation_labels.split(",")
+        unknown = [label for label in args.ablation_labels if label not in ABLATIONS]
+        if unknown:
+            parser.error(f"--ablation-labels: unknown {unknown}; allowed: {', '.join(ABLATIONS)}")
     if args.quick:
         args.seeds, args.orders, args.epochs, args.lrs = 2, 2, 1, args.lrs[:2]
     args.device = torch.device(args.device)
-    if args.device.type == "cpu":
+    if args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Parallel jobs get OMP_NUM_THREADS=1 each: two threads apiece would make the processes
+        # spin against each other on a 2-core machine (seen: 300 s per job instead of 16 s).
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
     args.parts = args.parts or RESULTS / "quality_parts" / time.strftime("%Y%m%d-%H%M%S")
@@ -903,8 +922,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.job.startswith("sweep"):
             if args.chosen_from is None:
                 parser.error("--job: seed, order and ablation jobs need --chosen-from")
-            sweep = _sweep_parts(sorted(args.chosen_from.glob("*.json")), name)
-            chosen = chosen_rates(sweep, args.methods)
+            if args.chosen_from.is_file():  # a results file: the rates it chose
+                runs = json.loads(args.chosen_from.read_text())["sequences"][name]
+                chosen = {m: float(runs["chosen_lr"][m]) for m in args.methods}
+            else:
+                sweep = _sweep_parts(sorted(args.chosen_from.glob("*.json")), name)
+                chosen = chosen_rates(sweep, args.methods)
         part = run_job(name, args.job, args, chosen)
         _write(args.out or args.parts / f"{name}_{args.job.replace(':', '_')}.json",
                {"command": " ".join(["python benchmarks/quality.py", *given]),

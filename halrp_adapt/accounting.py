@@ -9,6 +9,7 @@ the backbone is every parameter of the model at `attach` time outside the classi
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -103,13 +104,16 @@ def norm_state_size(module: nn.Module) -> int:
     return params + buffers
 
 
-def fixed_task_cost(layers: list[HalrpLayer], norms: list[TaskNorm], scales: bool = True) -> int:
-    """What every task stores before any factor: scales, biases and norms."""
+def fixed_task_cost(
+    layers: dict[str, HalrpLayer], norms: list[TaskNorm], scaled: Collection[str]
+) -> int:
+    """What every task stores before any factor: scales (of the `scaled` layers), biases and
+    norms."""
     cost = sum(norm_state_size(n.base_layer) for n in norms)
-    for layer in layers:
+    for name, layer in layers.items():
         bias = getattr(layer.base_layer, "bias", None)
         cost += bias.numel() if bias is not None else 0
-        cost += layer.out_features + layer.in_features if scales else 0
+        cost += layer.out_features + layer.in_features if name in scaled else 0
     return cost
 
 

@@ -52,6 +52,14 @@ class HalrpConfig(PeftConfig):
         default=None,
         metadata={"help": "Layers never to adapt, same forms as `target_modules`."},
     )
+    scale_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapted layers that get the dense scales r and s, same forms as "
+            "`target_modules`; None gives them to every adapted layer (the paper), [] to none. "
+            "A layer without scales puts its whole change into its factors."
+        },
+    )
     head_module: str | None = field(
         default=None,
         metadata={
@@ -171,7 +179,7 @@ class HalrpConfig(PeftConfig):
             _check_int("trial_steps", self.trial_steps, minimum=1)
         if self.svd not in SVD_METHODS:
             raise ValueError(f"`svd` must be one of {SVD_METHODS}, got {self.svd!r}.")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "scale_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue

@@ -129,8 +129,12 @@ def estimate_task(
         for name, layer in layers.items():
             w_free = layer.canonical(trial_modules[name].weight.detach())
             w_base = layer.canonical(layer.weight.detach())
-            r, s = fit_scales(w_free, w_base, layer.groups)
-            layer.set_scales(task, r, s)
+            if task in layer.halrp_r:
+                r, s = fit_scales(w_free, w_base, layer.groups)
+                layer.set_scales(task, r, s)
+            else:  # a layer left out of `scale_modules`: its factors carry the whole change
+                r = w_base.new_ones(w_base.shape[0])
+                s = w_base.new_ones(w_base.shape[1] * layer.groups)
             if name not in low_rank:
                 continue
             d = residual(w_free, w_base, r, s)

@@ -34,7 +34,7 @@ from .norms import TaskNorm
 from .pruning import prune_, prune_threshold
 from .registry import adapter_class_for
 from .routing import TaskRouted, check_task_name
-from .targets import select_norms, select_targets
+from .targets import select_norms, select_scaled, select_targets
 
 
 @dataclass
@@ -100,6 +100,7 @@ class HalrpModel(nn.Module):
         self.head_name = head
         targets = select_targets(model, head, config.target_modules, config.exclude_modules)
         norms = select_norms(model, head, targets)
+        self._scaled_layers = set(select_scaled(targets, config.scale_modules))
         self.backbone_params = _count_outside(model, head)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -202,8 +203,8 @@ class HalrpModel(nn.Module):
                     "num_classes=None."
                 )
         trains_base = self.config.train_base and not self._tasks
-        for layer in self.adapter_layers().values():
-            layer.add_task(name, scales=not trains_base)
+        for layer_name, layer in self.adapter_layers().items():
+            layer.add_task(name, scales=not trains_base and layer_name in self._scaled_layers)
         for norm in self.task_norms().values():
             norm.add_task(name)
         if head is not None:
@@ -235,8 +236,9 @@ class HalrpModel(nn.Module):
             raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
         self.check_compatible(config)
         layers, head = self.adapter_layers(), self.task_head()
+        scaled = set(select_scaled(list(layers), config.scale_modules))
         for layer_name, layer in layers.items():
-            layer.add_task(name, scales=not config.trains_base)
+            layer.add_task(name, scales=not config.trains_base and layer_name in scaled)
             rank = config.rank_pattern.get(layer_name, 0)
             if rank:
                 layer.add_factor_skeleton(
@@ -313,6 +315,8 @@ class HalrpModel(nn.Module):
         config.target_modules = "|".join(re.escape(n) for n in layers)
         config.exclude_modules = None
         config.norm_modules = list(self.task_norms())
+        scaled = [n for n, ly in layers.items() if name in ly.halrp_r]
+        config.scale_modules = None if len(scaled) == len(layers) else scaled
         config.head_module = self.head_name
         config.inference_mode = self._tasks[name].finished
         head = self.task_head()
@@ -682,7 +686,7 @@ class HalrpModel(nn.Module):
 
     def _check_budget_covers_fixed_cost(self) -> None:
         fixed = fixed_task_cost(
-            list(self.adapter_layers().values()), list(self.task_norms().values())
+            self.adapter_layers(), list(self.task_norms().values()), self._scaled_layers
         )
         allowed = self.config.budget * self.backbone_params
         if fixed > allowed:

@@ -65,6 +65,30 @@ def select_targets(
     return outer
 
 
+def select_scaled(targets: list[str], scale_modules: Patterns) -> list[str]:
+    """The adapted layers that get dense scales: all of them when `scale_modules` is None.
+
+    Raises ValueError when an entry of `scale_modules` matches no adapted layer.
+    """
+    if scale_modules is None:
+        return list(targets)
+    if isinstance(scale_modules, str):
+        try:
+            re.compile(scale_modules)
+        except re.error as err:
+            raise ValueError(
+                f"`scale_modules` {scale_modules!r} is not a valid regex: {err}."
+            ) from None
+    else:
+        missing = [p for p in scale_modules if not any(name_matches(t, [p]) for t in targets)]
+        if missing:
+            raise ValueError(
+                f"`scale_modules` entries {missing} match no adapted layer; adapted layers: "
+                f"{targets[:5]}{' ...' if len(targets) > 5 else ''}."
+            )
+    return [t for t in targets if name_matches(t, scale_modules)]
+
+
 def select_norms(model: nn.Module, head: str | None, targets: list[str]) -> list[str]:
     """Names of the normalisation layers that get per-task copies (outside the head)."""
     names: list[str] = []

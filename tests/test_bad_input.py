@@ -74,6 +74,8 @@ CASES = [
          ValueError, r"`upper_rank` must be >= 1"),
     Case("attach-target-modules", lambda w: halrp_adapt.attach(w.fresh, target_modules=["qkv"]),
          ValueError, r"`target_modules` entries \['qkv'\] match no module .*e\.g\. \['0'"),
+    Case("attach-scale-modules", lambda w: halrp_adapt.attach(w.fresh, scale_modules=["qkv"]),
+         ValueError, r"`scale_modules` entries \['qkv'\] match no adapted layer"),
     Case("attach-twice", lambda w: halrp_adapt.attach(w.idle.model),
          ValueError, r"`model` already has HALRP adapters attached"),
     Case("attach-not-a-module", lambda w: halrp_adapt.attach("resnet18"),
