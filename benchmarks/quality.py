@@ -45,6 +45,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -832,6 +833,31 @@ def _job_free(command: str) -> str:
     return " ".join(out)
 
 
+def ablation_table(files: list[Path]) -> dict:
+    """HALRP's ablations from `--job ablation:N` parts: ACC per sequence, variant and seed, and
+    each variant's change against the default run of the same seed (paired), per sequence and
+    averaged over the sequences that ran it."""
+    acc: dict[str, dict[str, dict[str, float]]] = {}
+    machines = set()
+    for f in files:
+        data = json.loads(f.read_text())
+        machines.add(data["machine"])
+        name = data["part"]["sequence"]
+        for label, by_seed in data["part"]["data"].get("ablations", {}).items():
+            for seed, run in by_seed.items():
+                acc.setdefault(name, {}).setdefault(label, {})[seed] = run["acc"]
+    delta: dict[str, dict[str, float]] = {}
+    for name, by_label in acc.items():
+        base = by_label.get("default", {})
+        for label, by_seed in by_label.items():
+            paired = [by_seed[s] - base[s] for s in by_seed if s in base]
+            if label != "default" and paired:
+                delta.setdefault(label, {})[name] = statistics.mean(paired)
+    return {"acc": acc, "delta_vs_default": delta,
+            "mean_delta": {label: statistics.mean(d.values()) for label, d in delta.items()},
+            "machines": sorted(machines)}
+
+
 def merge_files(files: list[Path], methods: list[str]) -> dict[str, dict]:
     """Sequences from full result files and from job parts (grouped and merged)."""
     sequences: dict[str, dict] = {}
@@ -887,6 +913,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "chosen rates")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="summarize these result files or parts into quality.json/png")
+    parser.add_argument("--ablation-parts", nargs="+", type=Path, default=None,
+                        help="tabulate these ablation job parts into --out (paired deltas)")
     parser.add_argument("--note", default=None,
                         help="with --merge: how the parts were made, kept in the results")
     args = parser.parse_args(argv)
@@ -916,6 +944,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
     args.parts = args.parts or RESULTS / "quality_parts" / time.strftime("%Y%m%d-%H%M%S")
+    if args.ablation_parts:  # a table of ablation parts, nothing run
+        table = ablation_table(args.ablation_parts)
+        parts_dirs = sorted({shlex.quote(str(f.parent)) + "/*.json" for f in args.ablation_parts})
+        command = ["python benchmarks/quality.py --ablation-parts", *parts_dirs,
+                   "--out", shlex.quote(str(args.out or RESULTS / "quality_ablations.json"))]
+        out = {"command": " ".join(command), "date": time.strftime("%Y-%m-%d"),
+               "note": args.note, **table}
+        for label, mean in table["mean_delta"].items():
+            print(f"{label:<40} {mean:+6.2f}  " + "  ".join(
+                f"{n} {d:+.2f}" for n, d in table["delta_vs_default"][label].items()))
+        _write(args.out or RESULTS / "quality_ablations.json", out)
+        return out
     if args.job is not None:  # one job: write its part and stop
         name = args.sequences
         chosen = None
