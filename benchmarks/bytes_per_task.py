@@ -21,7 +21,7 @@ import timm
 import torch
 
 import halrp_adapt
-from halrp_adapt.storage import WEIGHTS_NAME
+from halrp_adapt.files.storage import WEIGHTS_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

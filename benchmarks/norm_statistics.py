@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrained_methods import accuracy, batches, fit  # noqa: E402  (a sibling benchmark)
 
 import halrp_adapt  # noqa: E402
-from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks  # noqa: E402
-from halrp_adapt.zoo import efficientnet_lite0_imagenet  # noqa: E402
+from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks  # noqa: E402
+from halrp_adapt.data.zoo import efficientnet_lite0_imagenet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

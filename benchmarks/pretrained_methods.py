@@ -41,9 +41,9 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
-from halrp_adapt.metrics import average_accuracy, backward_transfer, order_robustness
-from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
-from halrp_adapt.zoo import efficientnet_lite0_imagenet
+from halrp_adapt.training.metrics import average_accuracy, backward_transfer, order_robustness
+from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
+from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("halrp", "lora", "adalora", "full_ft", "seq_ft")

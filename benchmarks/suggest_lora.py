@@ -4,7 +4,7 @@ One task per backbone, trained for the same steps with the same data, seed and l
 
 - EfficientNet-Lite0 (real ImageNet weights) on 4 Fashion-MNIST classes at 32 px (embedded data);
 - all-MiniLM-L6-v2 (real weights) on a 4-topic text task made from a fixed vocabulary
-  (`halrp_adapt.text_tasks`).
+  (`halrp_adapt.data.text_tasks`).
 
 `suggested`: `halrp_adapt.suggest_lora_config(model, train, budget)`; `uniform`: one rank on
 every layer the suggestion could use, the smallest with at least the suggestion's LoRA
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
-from halrp_adapt.text_tasks import topic_task
+from halrp_adapt.data.text_tasks import topic_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 def text_batches(pairs: list, tokenizer, batch_size: int) -> list[dict]:
@@ -48,7 +48,7 @@ def text_batches(pairs: list, tokenizer, batch_size: int) -> list[dict]:
 def image_batches(quick: bool, batch_size: int) -> tuple[list, list]:
     from timm.data import create_transform
 
-    from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
+    from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
 
     train, test = embedded_fashion_mnist()
     transform = create_transform(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3,
@@ -170,7 +170,7 @@ def compare(name: str, make: Callable[[], nn.Module], train_data: list, test_dat
 
 
 def efficientnet_study(args) -> dict:
-    from halrp_adapt.zoo import efficientnet_lite0_imagenet
+    from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
     def make() -> nn.Module:
         model = efficientnet_lite0_imagenet()

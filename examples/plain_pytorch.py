@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
-from halrp_adapt.fashion_mnist import class_subset, load_fashion_mnist
+from halrp_adapt.data.fashion_mnist import class_subset, load_fashion_mnist
 
 torch.manual_seed(0)
 data = load_fashion_mnist("embedded")

@@ -18,7 +18,7 @@ from timm.data import create_dataset, create_loader
 from torch import nn
 
 import halrp_adapt
-from halrp_adapt.fashion_mnist import load_fashion_mnist
+from halrp_adapt.data.fashion_mnist import load_fashion_mnist
 from halrp_adapt.integrations.timm import RegularizedLoss, create_halrp_optimizer
 
 

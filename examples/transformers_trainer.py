@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from halrp_adapt.integrations import HalrpTrainer
-from halrp_adapt.text_tasks import topic_tasks
+from halrp_adapt.data.text_tasks import topic_tasks
 
 GROUPS = [["sport", "food"], ["tech", "weather", "music"], ["travel", "health"]]
 

@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- commands ----------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
-    from .hub import resolve_source
-    from .storage import CONFIG_NAME, WEIGHTS_NAME, read_index, read_task_config
+    from .files.hub import resolve_source
+    from .files.storage import CONFIG_NAME, WEIGHTS_NAME, read_index, read_task_config
 
     root, trusted = resolve_source(args.source, None, args.revision)
     index = read_index(root, trusted)
@@ -167,7 +167,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify_shelf
+    from .files.verify import verify_shelf
 
     source = Path(args.source)
     if not source.is_dir():
@@ -195,7 +195,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export_lora(args: argparse.Namespace) -> int:
     from . import load
-    from .lora_export import export_lora
+    from .interop.lora_export import export_lora
 
     handle = load(_backbone(args), args.source, tasks=[args.task], revision=args.revision)
     num_classes = handle._tasks[args.task].config.num_classes
@@ -246,8 +246,8 @@ def _backbone(args: argparse.Namespace, num_classes: int | None = None) -> nn.Mo
 def _transformers_backbone(
     args: argparse.Namespace, source: str, kwargs: dict[str, Any], num_classes: int | None
 ) -> nn.Module:
-    from .hub import resolve_source
-    from .storage import read_index
+    from .files.hub import resolve_source
+    from .files.storage import read_index
 
     root, trusted = resolve_source(args.source, [], args.revision)
     qualified = read_index(root, trusted)["backbone"]["class"]

@@ -14,15 +14,15 @@ import sys
 
 from timm.data import create_transform
 
-from halrp_adapt.recipes import (
+from halrp_adapt.training.recipes import (
     add_training_args,
     check_training_args,
     recipe_parser,
     run_tasks,
     seed_run,
 )
-from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
-from halrp_adapt.zoo import efficientnet_lite0_imagenet
+from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
+from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
 
 def main(argv: list[str] | None = None) -> dict:

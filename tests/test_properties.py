@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import halrp_adapt
-from halrp_adapt.losses import default_loss
+from halrp_adapt.method.losses import default_loss
 
 # Both dtypes at most 1 ulp-ish apart after folding the scales and factors into one weight.
 MERGE_TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4),

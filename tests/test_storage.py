@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import halrp_adapt
-from halrp_adapt.storage import BASE_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from halrp_adapt.files.storage import BASE_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 
 from conftest import (batches, learn_pruned_task, learn_task, load_fails, outputs_of,
                       tiny_cnn)

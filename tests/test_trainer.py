@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from halrp_adapt.metrics import (average_accuracy, backward_transfer, forgetting,
+from halrp_adapt.training.metrics import (average_accuracy, backward_transfer, forgetting,
                                  order_robustness)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_two_ranks_never_change_a_finished_task_with_batchnorm(tmp_path):
 
 
 def test_order_report_matches_tasks_by_their_classes(tmp_path):
-    from halrp_adapt.reporting import main as order_main
+    from halrp_adapt.training.reporting import main as order_main
 
     runs = []
     for i, (order, finals) in enumerate([([[0, 1], [2, 3]], [90.0, 70.0]),
@@ -141,7 +141,7 @@ def test_order_report_matches_tasks_by_their_classes(tmp_path):
 def test_imagefolder_dataset_splits_into_tasks(tmp_path):
     from PIL import Image
 
-    from halrp_adapt.task_splits import load_image_dataset, split_into_tasks
+    from halrp_adapt.data.task_splits import load_image_dataset, split_into_tasks
 
     for split, count in (("train", 3), ("test", 2)):
         for label in ("cat", "dog", "emu", "fox"):

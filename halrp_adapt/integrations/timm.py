@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import HalrpModel
+from ..handle.model import HalrpModel
 
 
 def create_halrp_optimizer(

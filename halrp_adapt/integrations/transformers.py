@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..losses import default_loss, logits_of, move_to
-from ..model import HalrpModel
-from ..routing import check_task_name
+from ..adapters.routing import check_task_name
+from ..handle.attach import attach
+from ..handle.model import HalrpModel
+from ..method.losses import default_loss, logits_of, move_to
 
 
 class HalrpTrainer(Trainer):
@@ -47,14 +48,12 @@ class HalrpTrainer(Trainer):
         halrp_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        import halrp_adapt
-
         if model is None:
             raise ValueError("`model` is required: HalrpTrainer adapts the model you pass.")
         self.halrp_task = check_task_name(halrp_task)
         handle = HalrpModel.of(model)
         if handle is None:
-            handle = halrp_adapt.attach(model, budget=halrp_budget, **(halrp_options or {}))
+            handle = attach(model, budget=halrp_budget, **(halrp_options or {}))
         elif halrp_options:
             raise ValueError(
                 "`halrp_options` apply when HALRP is first attached; this model "

@@ -18,9 +18,9 @@ from accelerate.utils import gather_object
 from torch import nn
 
 import halrp_adapt
-from halrp_adapt.serialization import task_state_dict
-from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
-from halrp_adapt.trainer import ContinualTrainer, TrainConfig
+from halrp_adapt.files.serialization import task_state_dict
+from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
+from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
 from clean_exit import finish_distributed
 
 

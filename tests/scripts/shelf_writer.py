@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import halrp_adapt  # noqa: E402
-from halrp_adapt.serialization import task_state_dict  # noqa: E402
+from halrp_adapt.files.serialization import task_state_dict  # noqa: E402
 
 from conftest import batches, learn_task, tiny_cnn  # noqa: E402
 

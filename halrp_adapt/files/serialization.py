@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .routing import TaskRouted
+from ..adapters.routing import TaskRouted
 
 if TYPE_CHECKING:
-    from .model import HalrpModel
+    from ..handle.model import HalrpModel
 
 PEFT_PREFIX = "base_model.model."
 SAMPLES_PER_TENSOR = 1024
@@ -91,17 +91,10 @@ def load_task_tensors(
         target.copy_(tensors[key])
 
 
-def backbone_state(
-    model_or_handle: nn.Module | HalrpModel, head: str | None = None
-) -> dict[str, Tensor]:
+def backbone_state(model: nn.Module, head: str | None = None) -> dict[str, Tensor]:
     """The frozen backbone's tensors under the names they have in the plain model, without the
-    classifier head: what the task adapters are relative to."""
-    from .model import HalrpModel
-
-    if isinstance(model_or_handle, HalrpModel):
-        model, head = model_or_handle.model, model_or_handle.head_name
-    else:
-        model = model_or_handle
+    classifier head `head`: what the task adapters are relative to. `model` may be plain or
+    adapted (its adapter entries are left out)."""
     skip: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, TaskRouted):
@@ -117,12 +110,12 @@ def backbone_state(
     return out
 
 
-def backbone_fingerprint(model_or_handle: nn.Module | HalrpModel, head: str | None = None) -> str:
+def backbone_fingerprint(model: nn.Module, head: str | None = None) -> str:
     """sha256 over the backbone's names, shapes, dtypes and up to 1,024 evenly spaced values of
     each tensor: cheap on large models, and different whenever architecture or weights differ
     in practice."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(backbone_state(model_or_handle, head).items()):
+    for name, tensor in sorted(backbone_state(model, head).items()):
         t = tensor.detach()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         flat = t.flatten()

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..method.allocation import LayerSpectrum, budget_ranks, explained_ranks
+from ..method.decompose import decompose, factors_from_svd, fit_scales, residual
+from ..method.fisher import empirical_fisher
+from ..method.losses import LossFn, default_loss
+from ..method.trial import resolve_trial_lr, trial_finetune
 from .accounting import task_stats
-from .allocation import LayerSpectrum, budget_ranks, explained_ranks
-from .decompose import decompose, factors_from_svd, fit_scales, residual
-from .fisher import empirical_fisher
-from .losses import LossFn, default_loss
-from .trial import resolve_trial_lr, trial_finetune
 
 if TYPE_CHECKING:
     from .model import HalrpModel

@@ -22,9 +22,9 @@ from peft.mapping import (
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import HalrpConfig, HalrpType
-from .model import HalrpModel
-from .routing import NOT_ADDITIVE, TaskRouted
+from ..adapters.routing import NOT_ADDITIVE, TaskRouted
+from ..config import HalrpConfig, HalrpType
+from ..handle.model import HalrpModel
 
 if TYPE_CHECKING:
     from peft.config import PeftConfig

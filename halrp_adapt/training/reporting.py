@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files.storage import atomic_write
 from .metrics import average_accuracy, backward_transfer, forgetting
-from .storage import atomic_write
 from .tracking import PLOTS
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def check_plotting() -> None:
 
     Example::
 
-        from halrp_adapt.reporting import check_plotting
+        from halrp_adapt.training.reporting import check_plotting
         check_plotting()   # nothing happens when matplotlib is importable
     """
     try:
@@ -277,7 +277,7 @@ def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m halrp_adapt.reporting RUN_DIR RUN_DIR ... --out DIR`: order robustness."""
+    """`python -m halrp_adapt.training.reporting RUN_DIR ... --out DIR`: order robustness."""
     import argparse
 
     parser = argparse.ArgumentParser(

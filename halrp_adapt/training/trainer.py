@@ -29,10 +29,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from .losses import LossFn, default_loss, logits_of, move_to
-from .model import HalrpModel
-from .serialization import _live_task_tensors
-from .task_splits import TaskData
+from ..data.task_splits import TaskData
+from ..files.serialization import _live_task_tensors
+from ..handle.model import HalrpModel
+from ..method.losses import LossFn, default_loss, logits_of, move_to
 from .tracking import RunTracker
 
 STATE_NAME = "trainer_state.json"
@@ -115,8 +115,8 @@ class ContinualTrainer:
 
     Example:
         >>> import torch, halrp_adapt                                   # doctest: +ELLIPSIS
-        >>> from halrp_adapt.trainer import ContinualTrainer, TrainConfig
-        >>> from halrp_adapt.task_splits import embedded_fashion_mnist, split_into_tasks
+        >>> from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
+        >>> from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks
         >>> train, test = embedded_fashion_mnist()
         >>> to_tensor = lambda im: torch.tensor(list(im.convert("L").getdata()),
         ...                                     dtype=torch.float32).view(1, 28, 28) / 255
@@ -203,7 +203,7 @@ class ContinualTrainer:
                 "`output_dir`."
             )
         if state.finished:
-            from .loading import load
+            from ..handle.loading import load
 
             if self.handle.tasks:
                 raise ValueError(
@@ -406,7 +406,7 @@ class ContinualTrainer:
         self.accelerator.wait_for_everyone()
         if self.output_dir is None or not self.accelerator.is_main_process:
             return
-        from .storage import atomic_write
+        from ..files.storage import atomic_write
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         mark = time.perf_counter()

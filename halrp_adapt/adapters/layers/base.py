@@ -17,8 +17,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
+from ...method.sparse import compact, expand, worth_compacting
 from ..routing import TaskRouted
-from ..sparse import compact, expand, worth_compacting
 
 
 def _own(t: Tensor, like: Tensor) -> nn.Parameter:
@@ -35,7 +35,7 @@ class HalrpLayer(TaskRouted):
 
     A factor is held densely (`halrp_A[task]`) while its task trains; once the task is pruned,
     a factor with enough zeros is held compactly (`halrp_A_values[task]` + `halrp_A_mask[task]`,
-    see `sparse.py`), so that `state_dict()` and the saved files follow the pruned size.
+    see `method/sparse.py`), so that `state_dict()` and the saved files follow the pruned size.
     """
 
     adapter_layer_names = (

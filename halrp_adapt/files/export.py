@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .model import HalrpModel
+    from ..handle.model import HalrpModel
 
 
 def save_merged(handle: HalrpModel, task: str, save_directory: str | os.PathLike) -> Path:

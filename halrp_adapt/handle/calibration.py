@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .losses import forward_batch
+from ..method.losses import forward_batch
 
 if TYPE_CHECKING:
     from .model import HalrpModel

@@ -124,7 +124,7 @@ def split_into_tasks(
     classes shared out evenly), in a seeded or given class order.
 
     Example:
-        >>> from halrp_adapt.task_splits import embedded_fashion_mnist
+        >>> from halrp_adapt.data.task_splits import embedded_fashion_mnist
         >>> train, test = embedded_fashion_mnist()
         >>> tasks = split_into_tasks(train, test, 5, transform=lambda im: im, seed=0)
         >>> [len(t.classes) for t in tasks], len(tasks[0].train)

@@ -23,12 +23,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, budget_ranks, explained_ranks
-from .decompose import decompose
-from .estimate import svd_method
-from .fisher import empirical_fisher
-from .losses import LossFn, default_loss
-from .trial import resolve_trial_lr, trial_finetune
+from ..handle.estimate import svd_method
+from ..method.allocation import LayerSpectrum, budget_ranks, explained_ranks
+from ..method.decompose import decompose
+from ..method.fisher import empirical_fisher
+from ..method.losses import LossFn, default_loss
+from ..method.trial import resolve_trial_lr, trial_finetune
 
 
 def suggest_lora_config(
@@ -63,9 +63,9 @@ def suggest_lora_config(
     """
     from peft import LoraConfig
 
-    from .config import HalrpConfig
-    from .heads import find_head
-    from .targets import select_targets
+    from ..adapters.heads import find_head
+    from ..adapters.targets import select_targets
+    from ..config import HalrpConfig
 
     options = HalrpConfig(
         budget=budget,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .accounting import TaskStats
+    from ..handle.accounting import TaskStats
 
 PLOTS = ("accuracy_matrix", "ranks", "growth")
 

@@ -24,17 +24,23 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..adapters.heads import TaskHead, find_head
+from ..adapters.layers import HalrpLayer
+from ..adapters.norms import TaskNorm
+from ..adapters.registry import adapter_class_for
+from ..adapters.routing import TaskRouted, check_task_name
+from ..adapters.targets import select_norms, select_scaled, select_targets
+from ..config import HalrpConfig
+from ..files.export import save_merged
+from ..files.hub import push_to_hub
+from ..files.serialization import backbone_fingerprint
+from ..files.storage import save_pretrained
+from ..method.losses import LossFn, batch_inputs
+from ..method.pruning import prune_, prune_threshold
 from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
-from .config import HalrpConfig
-from .heads import TaskHead, find_head
-from .layers import HalrpLayer
-from .losses import LossFn, batch_inputs
-from .norms import TaskNorm
-from .pruning import prune_, prune_threshold
-from .registry import adapter_class_for
-from .routing import TaskRouted, check_task_name
-from .targets import select_norms, select_scaled, select_targets
+from .estimate import estimate_task
+from .mixed import forward_tasks
 
 
 @dataclass
@@ -262,10 +268,8 @@ class HalrpModel(nn.Module):
     def check_compatible(self, config: HalrpConfig) -> None:
         """Raise ValueError, changing nothing, when a saved task's config does not fit this
         model (other backbone weights, layers it did not adapt, a head it cannot have)."""
-        from .serialization import backbone_fingerprint
-
         if config.backbone_fingerprint is not None:
-            here = backbone_fingerprint(self)
+            here = backbone_fingerprint(self.model, self.head_name)
             if here != config.backbone_fingerprint:
                 raise ValueError(
                     f"the task was saved on another backbone (fingerprint "
@@ -352,8 +356,6 @@ class HalrpModel(nn.Module):
         `loss_fn(model, batch) -> loss` defaults to cross-entropy on `(x, y)` or dict batches.
         Returns {layer name: rank}.
         """
-        from .estimate import estimate_task
-
         _check_positive_or_none("epochs", epochs, int)
         _check_positive_or_none("steps", steps, int)
         _check_positive_or_none("lr", lr, float)
@@ -571,8 +573,6 @@ class HalrpModel(nn.Module):
             cl.save_pretrained("shelf/")                      # every finished task
             cl.save_pretrained("shelf/", tasks=["task3"])     # just one, the others untouched
         """
-        from .storage import save_pretrained
-
         return save_pretrained(self, save_directory, tasks=tasks, dtype=dtype)
 
     def push_to_hub(
@@ -591,8 +591,6 @@ class HalrpModel(nn.Module):
 
             cl.push_to_hub("my-org/vit-s-split-imagenet", private=True)
         """
-        from .hub import push_to_hub
-
         return push_to_hub(
             self,
             repo_id,
@@ -606,8 +604,6 @@ class HalrpModel(nn.Module):
     def save_merged(self, name: str, save_directory: str) -> Any:
         """Save task `name` merged into a plain model that loads without halrp_adapt
         (transformers `save_pretrained`, timm `save_for_hf`, else a safetensors state dict)."""
-        from .export import save_merged
-
         self._info(name)
         return save_merged(self, name, save_directory)
 
@@ -622,9 +618,7 @@ class HalrpModel(nn.Module):
         self, task_ids: Any, *args: Any, fill_value: float = float("-inf"), **kwargs: Any
     ) -> Tensor:
         """Each sample through its own task in one forward per task present; see
-        `halrp_adapt.mixed.forward_tasks`."""
-        from .mixed import forward_tasks
-
+        `halrp_adapt.handle.mixed.forward_tasks`."""
         return forward_tasks(self, task_ids, *args, fill_value=fill_value, **kwargs)
 
     # ---- internals ---------------------------------------------------------------------------
@@ -654,7 +648,7 @@ class HalrpModel(nn.Module):
     def _prune(self, task: str, layers: dict[str, HalrpLayer]) -> None:
         """Zero the smallest factor entries so the task stays within its budget, in parameters
         and in bytes: when the dense factors alone exceed what the budget leaves, the kept
-        entries also pay for the 1-bit-per-entry mask of their compact form (`sparse.py`)."""
+        entries also pay for the 1-bit-per-entry mask of their compact form (`method/sparse.py`)."""
         factors = [
             d[task]
             for layer in layers.values()

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import TaskHead
-from .layers import HalrpLayer
-from .norms import TaskNorm
+from ..adapters.heads import TaskHead
+from ..adapters.layers import HalrpLayer
+from ..adapters.norms import TaskNorm
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from .model import HalrpModel
+    from ..handle.model import HalrpModel
 
 ADAPTER = "default"
 

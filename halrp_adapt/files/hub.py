@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .storage import BASE_NAME, INDEX_NAME, read_index, save_pretrained
 
 if TYPE_CHECKING:
-    from .model import HalrpModel
+    from ..handle.model import HalrpModel
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import HalrpConfig
-from .task_splits import TaskData
+from ..config import HalrpConfig
+from ..data.task_splits import TaskData
+from ..handle.attach import attach
 
 
 def recipe_parser(doc: str) -> argparse.ArgumentParser:
@@ -175,8 +176,6 @@ def run_tasks(
     """Attach HALRP, run the ContinualTrainer under Accelerate, return the results."""
     from accelerate import Accelerator
 
-    import halrp_adapt
-
     from .trainer import ContinualTrainer, TrainConfig
 
     accelerator = Accelerator(
@@ -186,7 +185,7 @@ def run_tasks(
         project_dir=args.output_dir,
     )
     options = {"budget": args.budget, "trial_epochs": args.trial_epochs, **(halrp_options or {})}
-    handle = halrp_adapt.attach(model, config=HalrpConfig.from_options(**options))
+    handle = attach(model, config=HalrpConfig.from_options(**options))
     config = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,

@@ -30,12 +30,13 @@ from filelock import ReadWriteLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .config import FORMAT_VERSION, HalrpConfig
-from .routing import check_task_name
-from .serialization import backbone_fingerprint, backbone_state
+from .._version import __version__
+from ..adapters.routing import check_task_name
+from ..config import FORMAT_VERSION, HalrpConfig
+from .serialization import backbone_fingerprint, backbone_state, task_state_dict
 
 if TYPE_CHECKING:
-    from .model import HalrpModel
+    from ..handle.model import HalrpModel
 
 INDEX_NAME = "halrp_index.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,7 +146,7 @@ def save_pretrained(
     root.mkdir(parents=True, exist_ok=True)
     if not os.access(root, os.W_OK):
         raise PermissionError(f"`save_directory` {str(root)!r} is not writable.")
-    fingerprint = backbone_fingerprint(handle)
+    fingerprint = backbone_fingerprint(handle.model, handle.head_name)
     with index_lock(root):
         index = read_index(root) if (root / INDEX_NAME).exists() else new_index(handle)
         if index["backbone"]["fingerprint"] != fingerprint:
@@ -159,10 +160,12 @@ def save_pretrained(
             any(handle._tasks[t].trains_base for t in handle.tasks)
             and not (root / BASE_NAME).exists()
         ):
-            base = {k: v.detach().to("cpu").contiguous() for k, v in backbone_state(handle).items()}
+            base = {
+                k: v.detach().to("cpu").contiguous()
+                for k, v in backbone_state(handle.model, handle.head_name).items()
+            }
             atomic_write(root / BASE_NAME, lambda f: f.write(safetensors_bytes(base)))
             index["base_weights"] = BASE_NAME
-        from .serialization import task_state_dict
 
         for name in names:
             config = handle.task_config(name)
@@ -209,7 +212,6 @@ def _tasks_to_save(handle: HalrpModel, tasks: Sequence[str] | None) -> list[str]
 
 
 def new_index(handle: HalrpModel) -> dict[str, Any]:
-    from . import __version__
 
     return {
         "format_version": FORMAT_VERSION,
@@ -218,7 +220,7 @@ def new_index(handle: HalrpModel) -> dict[str, Any]:
         "backbone": {
             "class": handle.base_class,
             "params": handle.backbone_params,
-            "fingerprint": backbone_fingerprint(handle),
+            "fingerprint": backbone_fingerprint(handle.model, handle.head_name),
         },
         "options": handle.config.options(),
         "base_weights": None,

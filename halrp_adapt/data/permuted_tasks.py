@@ -62,7 +62,7 @@ def permuted_tasks(
     """`num_tasks` (at most 10) permuted tasks of all 10 classes each.
 
     Example:
-        >>> from halrp_adapt.fashion_mnist import load_fashion_mnist
+        >>> from halrp_adapt.data.fashion_mnist import load_fashion_mnist
         >>> d = load_fashion_mnist("embedded")
         >>> tasks = permuted_tasks(d["train"].images, d["train"].labels, d["test"].images,
         ...                        d["test"].labels, num_tasks=2)

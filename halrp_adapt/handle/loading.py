@@ -8,10 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from .config import HalrpConfig
-from .model import HalrpModel
-from .serialization import backbone_fingerprint, load_task_tensors
-from .storage import (
+from ..config import HalrpConfig
+from ..files.serialization import backbone_fingerprint, load_task_tensors
+from ..files.storage import (
     BASE_NAME,
     WEIGHTS_NAME,
     read_index,
@@ -19,6 +18,7 @@ from .storage import (
     read_tensors,
     shared_index_lock,
 )
+from .model import HalrpModel
 
 
 def load(
@@ -43,7 +43,7 @@ def load(
         with cl.task("task3"):
             logits = cl(images)
     """
-    from .hub import resolve_source
+    from ..files.hub import resolve_source
 
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -72,7 +72,7 @@ def load(
             }
             model.load_state_dict(base, strict=False)
         handle = HalrpModel(model, options)
-    elif backbone_fingerprint(handle) != index["backbone"]["fingerprint"]:
+    elif backbone_fingerprint(handle.model, handle.head_name) != index["backbone"]["fingerprint"]:
         raise ValueError(
             f"{path_or_repo_id} was saved on another backbone than the one attached to `model`."
         )
@@ -95,8 +95,8 @@ def _check_backbone(
     model: nn.Module, options: HalrpConfig, index: dict[str, Any], base: dict[str, Any] | None
 ) -> None:
     """Raise ValueError, before anything changes, if `model` is not the shelf's backbone."""
-    from .heads import find_head
-    from .serialization import backbone_state
+    from ..adapters.heads import find_head
+    from ..files.serialization import backbone_state
 
     head = find_head(model, options.head_module)
     state = backbone_state(model, head)
