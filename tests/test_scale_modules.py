@@ -57,6 +57,7 @@ def test_every_layer_scaled_is_saved_as_none(tmp_path):
     [
         (["nowhere"], ValueError, r"`scale_modules` entries \['nowhere'\] match no adapted layer"),
         ("([", ValueError, r"`scale_modules` '\(\[' is not a valid regex"),
+        ("nothing", ValueError, r"`scale_modules` regex 'nothing' matches no adapted layer"),
         (3, TypeError, r"`scale_modules` must be None, a regex string or a list"),
     ],
 )

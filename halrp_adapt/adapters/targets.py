@@ -39,8 +39,9 @@ def select_targets(
     Raises ValueError when nothing is found, when a `target_modules` or `exclude_modules`
     entry matches no module, or when a target has a type no adapter is registered for.
     """
-    _check_patterns_match(model, "target_modules", target_modules)
-    _check_patterns_match(model, "exclude_modules", exclude_modules)
+    names = [n for n, _ in model.named_modules() if n]
+    _check_patterns_match(names, "target_modules", target_modules)
+    _check_patterns_match(names, "exclude_modules", exclude_modules)
     chosen = []
     for name, module in model.named_modules():
         if not name or _inside(name, head):
@@ -68,24 +69,11 @@ def select_targets(
 def select_scaled(targets: list[str], scale_modules: Patterns) -> list[str]:
     """The adapted layers that get dense scales: all of them when `scale_modules` is None.
 
-    Raises ValueError when an entry of `scale_modules` matches no adapted layer.
+    Raises ValueError when `scale_modules` (or one of its entries) matches no adapted layer.
     """
     if scale_modules is None:
         return list(targets)
-    if isinstance(scale_modules, str):
-        try:
-            re.compile(scale_modules)
-        except re.error as err:
-            raise ValueError(
-                f"`scale_modules` {scale_modules!r} is not a valid regex: {err}."
-            ) from None
-    else:
-        missing = [p for p in scale_modules if not any(name_matches(t, [p]) for t in targets)]
-        if missing:
-            raise ValueError(
-                f"`scale_modules` entries {missing} match no adapted layer; adapted layers: "
-                f"{targets[:5]}{' ...' if len(targets) > 5 else ''}."
-            )
+    _check_patterns_match(targets, "scale_modules", scale_modules, "adapted layer")
     return [t for t in targets if name_matches(t, scale_modules)]
 
 
@@ -117,23 +105,24 @@ def _check_entries_select(model: nn.Module, patterns: list[str] | str, chosen: l
         )
 
 
-def _check_patterns_match(model: nn.Module, option: str, patterns: Patterns) -> None:
+def _check_patterns_match(
+    names: list[str], option: str, patterns: Patterns, among: str = "module of the model"
+) -> None:
+    """Raise ValueError naming `option` when `patterns` is a bad regex, or when it (or one of
+    its entries) matches none of `names`."""
     if patterns is None:
         return
-    names = [n for n, _ in model.named_modules() if n]
     if isinstance(patterns, str):
         try:
             re.compile(patterns)
         except re.error as err:
             raise ValueError(f"`{option}` {patterns!r} is not a valid regex: {err}.") from None
         if not any(name_matches(n, patterns) for n in names):
-            raise ValueError(f"`{option}` regex {patterns!r} matches no module of the model.")
+            raise ValueError(f"`{option}` regex {patterns!r} matches no {among}.")
         return
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n in names)]
     if missing:
-        raise ValueError(
-            f"`{option}` entries {missing} match no module of the model (e.g. {names[:5]})."
-        )
+        raise ValueError(f"`{option}` entries {missing} match no {among} (e.g. {names[:5]}).")
 
 
 def _describe(model: nn.Module, names: list[str]) -> str:
