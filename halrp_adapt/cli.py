@@ -108,7 +108,14 @@ def _parser() -> argparse.ArgumentParser:
 # ---- commands ----------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
     from .files.hub import resolve_source
-    from .files.storage import CONFIG_NAME, WEIGHTS_NAME, read_index, read_task_config
+    from .files.storage import (
+        CONFIG_NAME,
+        SIGNATURE_NAME,
+        WEIGHTS_NAME,
+        read_index,
+        read_signature,
+        read_task_config,
+    )
 
     root, trusted = resolve_source(args.source, None, args.revision)
     index = read_index(root, trusted)
@@ -116,10 +123,23 @@ def _inspect(args: argparse.Namespace) -> int:
     for task in index["tasks"]:
         config = read_task_config(root, task, trusted)
         info = index["task_info"].get(task, {})
+        signature = read_signature(root, task, trusted)
+        files = [
+            n for n in (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME) if (root / task / n).exists()
+        ]
         tasks[task] = {
             "num_classes": config.num_classes,
             "growth": info.get("growth"),
-            "bytes": sum((root / task / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME)),
+            "bytes": sum((root / task / n).stat().st_size for n in files),
+            "signature": None
+            if signature is None
+            else {
+                "features": signature.features,
+                "dim": signature.dim,
+                "prototypes": int((signature.counts > 0).sum()),
+                "samples": signature.num_samples,
+                "bytes": (root / task / SIGNATURE_NAME).stat().st_size,
+            },
             "ranks": dict(config.rank_pattern or {}),
             "metrics": dict(config.metrics or {}),
         }
@@ -140,15 +160,20 @@ def _inspect(args: argparse.Namespace) -> int:
         f"fingerprint {backbone['fingerprint']}"
     )
     print(f"budget    {summary['budget']} per task; {len(tasks)} tasks\n")
-    print(f"{'task':<20} {'classes':>7} {'growth':>8} {'bytes':>12} {'mean rank':>9}  metrics")
+    print(
+        f"{'task':<20} {'classes':>7} {'growth':>8} {'bytes':>12} {'mean rank':>9} "
+        f"{'signature':>22}  metrics"
+    )
     for task, t in tasks.items():
         ranks = list(t["ranks"].values())
         growth = f"{t['growth']:.4f}" if isinstance(t["growth"], (int, float)) else "-"
         mean = f"{sum(ranks) / len(ranks):.1f}" if ranks else "-"
         metrics = ", ".join(f"{k}={v:g}" for k, v in t["metrics"].items())
+        sig = t["signature"]
+        described = "-" if sig is None else f"{sig['features']} {sig['bytes']:,} B"
         print(
             f"{task:<20} {str(t['num_classes'] or '-'):>7} {growth:>8} {t['bytes']:>12,} "
-            f"{mean:>9}  {metrics}"
+            f"{mean:>9} {described:>22}  {metrics}"
         )
     layers = sorted({layer for t in tasks.values() for layer in t["ranks"]})
     if layers:

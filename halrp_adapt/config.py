@@ -15,6 +15,7 @@ from typing import Any
 from peft import PeftConfig
 
 SVD_METHODS = ("auto", "full", "randomized")
+SIGNATURE_CHOICES = ("backbone", "task", None)
 FORMAT_VERSION = 1
 
 
@@ -119,6 +120,14 @@ class HalrpConfig(PeftConfig):
             "randomized SVD."
         },
     )
+    task_signature: str | None = field(
+        default="backbone",
+        metadata={
+            "help": "Features each task's signature (for finding an input's task without its "
+            "name) is made of: 'backbone' (the frozen backbone's, one extra forward), 'task' "
+            "(the task's own, one forward per task), or None (no signature)."
+        },
+    )
     train_base: bool = field(
         default=False,
         metadata={
@@ -177,6 +186,10 @@ class HalrpConfig(PeftConfig):
         _check_int("randomized_min_dim", self.randomized_min_dim, minimum=1)
         if self.trial_steps is not None:
             _check_int("trial_steps", self.trial_steps, minimum=1)
+        if self.task_signature not in SIGNATURE_CHOICES:
+            raise ValueError(
+                f"`task_signature` must be one of {SIGNATURE_CHOICES}, got {self.task_signature!r}."
+            )
         if self.svd not in SVD_METHODS:
             raise ValueError(f"`svd` must be one of {SVD_METHODS}, got {self.svd!r}.")
         for name in ("target_modules", "exclude_modules", "scale_modules"):

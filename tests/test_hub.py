@@ -44,8 +44,11 @@ def test_push_then_load_one_task_of_three(online):
     loaded = halrp_adapt.load(_vit(), "org/three-tasks", tasks=["t2"])
     fetched = hub.downloads("org/three-tasks")
     assert sorted(fetched) == sorted([INDEX_NAME, "t2/adapter_config.json",
-                                      "t2/adapter_model.safetensors"]), fetched
+                                      "t2/adapter_model.safetensors",
+                                      "t2/task_signature.safetensors"]), fetched
     assert loaded.tasks == ["t2"]
+    sent, back = cl.task_signature("t2"), loaded.task_signature("t2")
+    assert sent is not None and back is not None and torch.equal(back.means, sent.means)
     assert torch.equal(outputs_of(loaded, x)["t2"], expected["t2"])
 
 

@@ -11,7 +11,13 @@ import torch
 import transformers
 
 import halrp_adapt
-from halrp_adapt.files.storage import BASE_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from halrp_adapt.files.storage import (
+    BASE_NAME,
+    CONFIG_NAME,
+    INDEX_NAME,
+    SIGNATURE_NAME,
+    WEIGHTS_NAME,
+)
 
 from conftest import (batches, learn_pruned_task, learn_task, load_fails, outputs_of,
                       tiny_cnn)
@@ -79,7 +85,9 @@ def test_layout_index_and_peft_naming(tmp_path):
     learn_pruned_task(cl, "t2", _image_data(1), num_classes=3)
     cl.record_metrics("t1", accuracy=87.5)
     cl.save_pretrained(tmp_path)
-    assert sorted(p.name for p in (tmp_path / "t1").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "t1").iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, SIGNATURE_NAME]
+    )
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert index["tasks"] == ["t1", "t2"] and index["backbone"]["params"] == cl.backbone_params
     assert index["task_info"]["t2"]["metrics"] == {}  # each task keeps its own figures

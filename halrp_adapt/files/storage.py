@@ -6,6 +6,7 @@ shelf/
   base_model.safetensors        only when a task trained the backbone itself (train_base)
   <task>/adapter_model.safetensors
   <task>/adapter_config.json    a PEFT adapter config (peft_type "HALRP")
+  <task>/task_signature.safetensors   the task's signature for task retrieval, when it has one
 ```
 
 Every file is written to a temporary name in its folder and renamed into place, and the index
@@ -33,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from .._version import __version__
 from ..adapters.routing import check_task_name
 from ..config import FORMAT_VERSION, HalrpConfig
+from ..method.task_signature import TaskSignature
 from .serialization import backbone_fingerprint, backbone_state, task_state_dict
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 INDEX_NAME = "halrp_index.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+SIGNATURE_NAME = "task_signature.safetensors"
 BASE_NAME = "base_model.safetensors"
 LOCK_NAME = ".halrp.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,13 +180,22 @@ def save_pretrained(
             meta = {"format": "pt", "halrp_format_version": str(FORMAT_VERSION), "task": name}
             blob = safetensors_bytes(tensors, metadata=meta)
             config_bytes = _json_bytes(config.to_dict())
-            atomic_write(folder / WEIGHTS_NAME, _bytes_writer(blob))
-            atomic_write(folder / CONFIG_NAME, _bytes_writer(config_bytes))
+            files = {WEIGHTS_NAME: blob, CONFIG_NAME: config_bytes}
+            signature = handle.task_signature(name)
+            if signature is not None:
+                files[SIGNATURE_NAME] = safetensors_bytes(
+                    {k: v.contiguous() for k, v in signature.to_tensors().items()},
+                    metadata={"format": "pt", "features": signature.features, "task": name},
+                )
+            elif (folder / SIGNATURE_NAME).exists():
+                (folder / SIGNATURE_NAME).unlink()  # a stale one from an older save
+            for file_name, data in files.items():
+                atomic_write(folder / file_name, _bytes_writer(data))
             if name not in index["tasks"]:
                 index["tasks"].append(name)
             index["task_info"][name] = {
                 **_summary(handle, name),
-                "files": {WEIGHTS_NAME: file_record(blob), CONFIG_NAME: file_record(config_bytes)},
+                "files": {file_name: file_record(data) for file_name, data in files.items()},
             }
         atomic_write(root / INDEX_NAME, lambda f: f.write(_json_bytes(index)))
     return names
@@ -341,6 +353,18 @@ def _check_task_field_types(path: Path, data: dict[str, Any]) -> None:
         isinstance(classes, bool) or not isinstance(classes, int) or classes < 1
     ):
         raise ValueError(f"{path}: `num_classes` must be null or an int >= 1, got {classes!r}.")
+
+
+def read_signature(root: Path, task: str, trusted: Path | None = None) -> TaskSignature | None:
+    """Task `task`'s saved signature, or None when it was saved without one."""
+    path = root / task / SIGNATURE_NAME
+    if not path.exists():
+        return None
+    trusted = trusted or root
+    tensors = read_tensors(path, trusted)
+    with safe_open(str(path), framework="pt") as f:
+        features = (f.metadata() or {}).get("features", "")
+    return TaskSignature.from_tensors(tensors, features, source=str(path))
 
 
 def read_tensors(path: Path, trusted: Path) -> dict[str, torch.Tensor]:

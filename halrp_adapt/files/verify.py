@@ -13,8 +13,10 @@ from .storage import (
     CONFIG_NAME,
     INDEX_NAME,
     LOCK_NAME,
+    SIGNATURE_NAME,
     WEIGHTS_NAME,
     read_index,
+    read_signature,
     read_task_config,
     read_tensors,
 )
@@ -73,7 +75,8 @@ def verify_shelf(root: str | Path, trusted: Path | None = None) -> Verification:
 def _task_problems(root: Path, task: str, index: dict, trusted: Path | None) -> list[str]:
     problems = []
     recorded = index["task_info"].get(task, {}).get("files", {})
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
+    optional = [SIGNATURE_NAME] if SIGNATURE_NAME in recorded else []
+    for name in (WEIGHTS_NAME, CONFIG_NAME, *optional):
         path = root / task / name
         if not path.is_file():
             problems.append(f"{name} is missing")
@@ -94,6 +97,7 @@ def _task_problems(root: Path, task: str, index: dict, trusted: Path | None) -> 
     try:
         config = read_task_config(root, task, trusted)
         tensors = read_tensors(root / task / WEIGHTS_NAME, trusted or root)
+        read_signature(root, task, trusted)
     except (OSError, ValueError) as err:
         return [str(err)]
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]

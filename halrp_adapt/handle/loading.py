@@ -14,6 +14,7 @@ from ..files.storage import (
     BASE_NAME,
     WEIGHTS_NAME,
     read_index,
+    read_signature,
     read_task_config,
     read_tensors,
     shared_index_lock,
@@ -33,7 +34,9 @@ def load(
     (and downloaded, from the Hub, at `revision`).
 
     Everything is checked before the model changes: the backbone's fingerprint and shapes,
-    each task's config and tensors. On any error the model is left as it was.
+    each task's config and tensors. On any error the model is left as it was. Each task's
+    signature, when it was saved with one, comes back too, so `predict_tasks` and
+    `task_ids="auto"` choose among the loaded tasks.
 
     Example (a Hub repo; a local folder works the same)::
 
@@ -58,6 +61,7 @@ def load(
             )
         configs = {t: read_task_config(root, t, trusted) for t in names}
         tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
+        signatures = {t: read_signature(root, t, trusted) for t in names}
         base = read_tensors(root / BASE_NAME, trusted) if index.get("base_weights") else None
 
     handle = HalrpModel.of(model)
@@ -82,6 +86,7 @@ def load(
             handle.add_task_from_config(name, configs[name])
             added.append(name)
             load_task_tensors(handle, name, tensors[name], source=str(root / name / WEIGHTS_NAME))
+            handle._tasks[name].signature = signatures[name]
     except BaseException:
         for name in added:
             handle.delete_task(name)

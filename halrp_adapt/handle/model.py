@@ -37,10 +37,12 @@ from ..files.serialization import backbone_fingerprint
 from ..files.storage import save_pretrained
 from ..method.losses import LossFn, batch_inputs
 from ..method.pruning import prune_, prune_threshold
+from ..method.task_signature import TaskSignature
 from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
 from .estimate import estimate_task
 from .mixed import forward_tasks
+from .task_retrieval import class_offsets, compute_signature, forward_auto, predict_tasks
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TaskInfo:
     config: HalrpConfig
     finished: bool = False
     estimate: Any | None = field(default=None, repr=False)
+    signature: TaskSignature | None = field(default=None, repr=False)
 
     @property
     def trains_base(self) -> bool:
@@ -412,40 +415,40 @@ class HalrpModel(nn.Module):
         calibration_data: Iterable[Any] | None = None,
         max_calibration_batches: int | None = None,
     ) -> TaskStats:
-        """Prune the open task's factors to the budget, recompute its norm statistics, freeze it,
-        and return its stats.
+        """Prune the open task's factors to the budget, recompute its norm statistics, make its
+        task signature, freeze it, and return its stats.
 
         `calibration_data` (the task's training batches, e.g. its DataLoader) gives the task's
         BatchNorm copies running statistics measured with the weights it keeps, after pruning:
         statistics gathered while the weights moved lag behind them. A task with running
-        statistics ended without it keeps those lagging statistics, with a warning.
+        statistics ended without it keeps those lagging statistics, with a warning. The same
+        batches, with their labels, make the task's signature (`task_signature` option), which
+        `predict_tasks` and `forward(..., task_ids="auto")` use to find an input's task; a task
+        ended without them has none (`add_signature` adds one later).
         """
         info = self._require_open("end_task()")
         task = info.name
-        if max_calibration_batches is not None and (
-            isinstance(max_calibration_batches, bool)
-            or not isinstance(max_calibration_batches, int)
-            or max_calibration_batches < 1
-        ):
-            raise ValueError(
-                f"`max_calibration_batches` must be None or an int >= 1, got "
-                f"{max_calibration_batches!r}."
-            )
+        _check_positive_or_none("max_calibration_batches", max_calibration_batches, int)
         has_statistics = bool(task_batch_norms(self, task))
-        batches = None
-        if calibration_data is not None and has_statistics:
+        wants_signature = self._signature_kind() is not None
+        passes = int(has_statistics) + int(wants_signature)
+        data = None
+        if calibration_data is not None and passes:
+            data = calibration_data
+            if passes > 1 and iter(data) is data:  # a one-shot iterator: keep it for two passes
+                data = list(itertools.islice(data, max_calibration_batches))
             # Empty data or batches of the wrong kind are refused before anything changes.
-            iterator = iter(calibration_data)
-            first = next(iterator, None)
+            first = next(iter(data), None)
             if first is None:
                 raise ValueError("`calibration_data` yielded no batch.")
             batch_inputs(first)
-            batches = itertools.chain([first], iterator)
+            if iter(data) is data:
+                data = itertools.chain([first], data)
         layers = self.adapter_layers()
         if not info.trains_base:
             self._prune(task, layers)
-        if batches is not None:
-            recalibrate_norm_statistics(self, task, batches, max_calibration_batches)
+        if data is not None and has_statistics:
+            recalibrate_norm_statistics(self, task, data, max_calibration_batches)
         elif calibration_data is None and has_statistics and not self._warned_uncalibrated:
             self._warned_uncalibrated = True
             warnings.warn(
@@ -455,6 +458,10 @@ class HalrpModel(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        if data is not None and wants_signature:
+            kind = self._signature_kind()
+            assert kind is not None
+            info.signature = compute_signature(self, task, data, kind, max_calibration_batches)
         if info.trains_base:
             self._adopt_as_base(task)
         for module in self._routed():
@@ -467,6 +474,58 @@ class HalrpModel(nn.Module):
         info.finished = True
         self._refresh_task_config(task)
         return self.task_stats(task)
+
+    def add_signature(
+        self, name: str, data: Iterable[Any], max_batches: int | None = None
+    ) -> TaskSignature:
+        """Make the task signature of finished task `name`, which has none (ended without
+        `calibration_data`, or saved by an older version), from its labelled batches `data`.
+        Its weights and outputs do not change; a task that has a signature keeps it.
+
+        Example::
+
+            cl.add_signature("task0", task0_train_loader)
+            cl.save_pretrained("shelf/", tasks=["task0"])   # the signature is saved with it
+        """
+        info = self._info(name)
+        _check_positive_or_none("max_batches", max_batches, int)
+        if not info.finished:
+            raise RuntimeError(
+                f"task {name!r} is still in training: end_task() makes its signature."
+            )
+        if info.signature is not None:
+            raise ValueError(f"task {name!r} already has a signature; finished tasks never change.")
+        kind = self._signature_kind()
+        if kind is None:
+            raise ValueError(
+                "`task_signature` is None for this model (or it has no classifier head): "
+                "attach with task_signature='backbone' or 'task'."
+            )
+        info.signature = compute_signature(self, name, data, kind, max_batches)
+        return info.signature
+
+    def task_signature(self, name: str) -> TaskSignature | None:
+        """Task `name`'s signature (None if it has none)."""
+        return self._info(name).signature
+
+    def predict_tasks(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Each sample's task, found from the task signatures: a LongTensor of indices into
+        `tasks`, ready for `forward_tasks`. Only the tasks loaded here compete.
+
+        Example::
+
+            ids = cl.eval().predict_tasks(images)       # e.g. tensor([0, 2, 2, 1])
+            names = [cl.tasks[i] for i in ids]
+        """
+        return predict_tasks(self, *args, **kwargs)
+
+    def class_offsets(self) -> dict[str, tuple[int, int]]:
+        """{task: (offset, classes)}: each task's place in the global class space that
+        `forward(..., task_ids="auto")` returns, in the order the tasks were learned."""
+        return class_offsets(self)
+
+    def _signature_kind(self) -> str | None:
+        return self.config.task_signature if self.head_name is not None else None
 
     def set_task(self, name: str | None) -> None:
         """Route every forward through task `name` (None: the frozen backbone)."""
@@ -609,7 +668,14 @@ class HalrpModel(nn.Module):
 
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
         """The model's forward through the active task, or, with `task_ids` (one task index
-        or name per sample), each sample through its own task (`forward_tasks`)."""
+        or name per sample), each sample through its own task (`forward_tasks`).
+
+        `task_ids="auto"` finds each sample's task from the task signatures
+        (`predict_tasks`) and returns logits over every task's classes, each task's at its
+        offset (`class_offsets`) and -inf elsewhere: argmax gives a global class.
+        """
+        if isinstance(task_ids, str) and task_ids == "auto":
+            return forward_auto(self, *args, **kwargs)
         if task_ids is not None:
             return self.forward_tasks(task_ids, *args, **kwargs)
         return self.model(*args, **kwargs)

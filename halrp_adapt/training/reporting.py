@@ -41,6 +41,24 @@ def summarize(trainer: ContinualTrainer) -> dict[str, Any]:
         "train_config": {k: v for k, v in vars(trainer.config).items()},
         "halrp_options": handle.config.options(),
         "num_processes": trainer.accelerator.num_processes,
+        "scenario": trainer.scenario,
+        "class_incremental": (
+            _class_incremental(state) if trainer.scenario == "class-incremental" else None
+        ),
+    }
+
+
+def _class_incremental(state: Any) -> dict[str, Any]:
+    """The class-incremental figures: the matrix (row i: accuracy over every class seen after
+    task i, on each seen task's data), the accuracy over all seen data after each task, its
+    average and last value, and task retrieval's accuracy after each task."""
+    seen = state.ci_seen
+    return {
+        "matrix": state.ci_matrix,
+        "accuracy_seen": seen,
+        "average": sum(seen) / len(seen) if seen else None,
+        "last": seen[-1] if seen else None,
+        "retrieval": state.retrieval,
     }
 
 
@@ -70,6 +88,15 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['forgetting']:.2f}   total growth {result['total_growth']:.4f} "
         f"(budget {result['budget']} per task)"
     )
+    ci = result.get("class_incremental")
+    if ci and ci["accuracy_seen"]:
+        lines.append(
+            "without task names (class-incremental): "
+            + " ".join(f"{a:.2f}" for a in ci["accuracy_seen"])
+            + f"; average {ci['average']:.2f}, last {ci['last']:.2f}; task found "
+            + " ".join(f"{a:.1f}" for a in ci["retrieval"])
+            + " %"
+        )
     return "\n".join(lines)
 
 
@@ -167,11 +194,29 @@ def write_outputs(trainer: ContinualTrainer, result: dict[str, Any]) -> None:
             + [[layer] + [result["ranks"][n].get(layer, 0) for n in names] for layer in layers]
         ),
     )
-    trainer.log("\n" + format_table(result))
     written = ["metrics.json", "accuracy_matrix.csv", "tasks.csv", "ranks.csv"]
+    ci = result.get("class_incremental")
+    if ci:
+        _write_text(
+            out / "class_incremental.csv",
+            _csv_text(
+                [["after_task"] + names + ["all_seen", "retrieval"]]
+                + [
+                    [name]
+                    + [f"{a:.4f}" for a in row]
+                    + [""] * (len(names) - len(row))
+                    + [f"{seen:.4f}", f"{found:.4f}"]
+                    for name, row, seen, found in zip(
+                        names, ci["matrix"], ci["accuracy_seen"], ci["retrieval"], strict=False
+                    )
+                ]
+            ),
+        )
+        written.append("class_incremental.csv")
+    trainer.log("\n" + format_table(result))
     try:
         write_plots(out, result, layers)
-        written += [f"{name}.png" for name in PLOTS]
+        written += [f"{name}.png" for name in PLOTS if (out / f"{name}.png").is_file()]
     except Exception as err:  # a plot must never cost the run its other results
         message = (
             f"could not write the plots: {type(err).__name__}: {err}. The metrics, "
@@ -241,6 +286,22 @@ def write_plots(out: Path, result: dict[str, Any], layers: Sequence[str]) -> Non
     fig.tight_layout()
     fig.savefig(out / "growth.png", dpi=120)
     plt.close(fig)
+
+    ci = result.get("class_incremental")
+    if ci and ci["accuracy_seen"]:
+        steps = range(1, len(ci["accuracy_seen"]) + 1)
+        oracle = [sum(row) / len(row) for row in result["matrix"]]
+        fig, ax = plt.subplots(figsize=(2.5 + 0.5 * t, 3.2))
+        ax.plot(steps, ci["accuracy_seen"], "o-", label="all seen classes, no task name")
+        ax.plot(steps, ci["retrieval"], "s--", label="task retrieval")
+        ax.plot(steps, oracle[: len(steps)], "^:", label="task given (mean over tasks)")
+        ax.set_xticks(list(steps), names[: len(steps)], rotation=45, ha="right")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"Class-incremental  average {ci['average']:.2f}  last {ci['last']:.2f}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "class_incremental.png", dpi=120)
+        plt.close(fig)
 
 
 def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:

@@ -14,13 +14,14 @@ if TYPE_CHECKING:
 
     from ..handle.accounting import TaskStats
 
-PLOTS = ("accuracy_matrix", "ranks", "growth")
+PLOTS = ("accuracy_matrix", "ranks", "growth", "class_incremental")
 
 
 class RunTracker:
     """What `ContinualTrainer` sends to the accelerator's trackers, keyed as
     `train/loss`, `accuracy/<task>`, `accuracy/mean`, `growth/<task>`, `growth/total`,
-    `ranks/<task>/mean`, `ranks/<task>/<layer>` and `plots/<name>`."""
+    `ranks/<task>/mean`, `ranks/<task>/<layer>`, in the class-incremental scenario
+    `class_incremental/accuracy` and `retrieval/accuracy`, and `plots/<name>`."""
 
     def __init__(self, accelerator: Accelerator, project: str) -> None:
         self.accelerator = accelerator
@@ -62,6 +63,11 @@ class RunTracker:
         values[f"ranks/{name}/mean"] = sum(ranks.values()) / max(len(ranks), 1)
         values.update({f"ranks/{name}/{layer}": r for layer, r in ranks.items()})
         self.accelerator.log(values, step=self.step)
+
+    def class_incremental_done(self, seen_accuracy: float, retrieval: float) -> None:
+        if self.on:
+            values = {"class_incremental/accuracy": seen_accuracy, "retrieval/accuracy": retrieval}
+            self.accelerator.log(values, step=self.step)
 
     def finish(self, output_dir: Path | None) -> None:
         if not self.on:

@@ -32,10 +32,12 @@ from torch.utils.data import DataLoader
 from ..data.task_splits import TaskData
 from ..files.serialization import _live_task_tensors
 from ..handle.model import HalrpModel
+from ..handle.task_retrieval import forward_auto
 from ..method.losses import LossFn, default_loss, logits_of, move_to
 from .tracking import RunTracker
 
 STATE_NAME = "trainer_state.json"
+SCENARIOS = ("task-incremental", "class-incremental")
 
 
 @dataclass
@@ -77,6 +79,11 @@ class RunState:
     finished: list[str] = field(default_factory=list)
     matrix: list[list[float]] = field(default_factory=list)
     times: dict[str, dict[str, float]] = field(default_factory=dict)
+    # class-incremental scenario: after each task, accuracy over every class seen so far on
+    # each seen task's test data, over all of it, and how often retrieval found the task
+    ci_matrix: list[list[float]] = field(default_factory=list)
+    ci_seen: list[float] = field(default_factory=list)
+    retrieval: list[float] = field(default_factory=list)
 
     @classmethod
     def read(cls, path: Path) -> RunState:
@@ -85,6 +92,9 @@ class RunState:
             finished=list(data["finished"]),
             matrix=[list(r) for r in data["matrix"]],
             times=dict(data["times"]),
+            ci_matrix=[list(r) for r in data.get("ci_matrix", [])],
+            ci_seen=list(data.get("ci_seen", [])),
+            retrieval=list(data.get("retrieval", [])),
         )
 
 
@@ -142,7 +152,15 @@ class ContinualTrainer:
         progress: bool = True,
         log: Callable[..., None] | None = None,
         tracker_project: str = "halrp",
+        scenario: str = "task-incremental",
     ) -> None:
+        if scenario not in SCENARIOS:
+            raise ValueError(f"`scenario` must be one of {SCENARIOS}, got {scenario!r}.")
+        if scenario == "class-incremental" and handle.config.task_signature is None:
+            raise ValueError(
+                "`scenario`='class-incremental' finds each input's task from the task "
+                "signatures, and this model was attached with task_signature=None."
+            )
         if not isinstance(handle, HalrpModel):
             raise TypeError(
                 f"`handle` must come from halrp_adapt.attach, got {type(handle).__name__}."
@@ -153,6 +171,7 @@ class ContinualTrainer:
                 f"`tasks` must be a non-empty sequence with distinct names, got {names}."
             )
         self.handle, self.tasks, self.config = handle, list(tasks), config
+        self.scenario = scenario
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         n = self.accelerator.num_processes
         if config.batch_size % n:
@@ -328,6 +347,40 @@ class ContinualTrainer:
         acc.free_memory()
         return 100.0 * correct / max(total, 1)
 
+    @torch.no_grad()
+    def evaluate_class_incremental(
+        self, seen: Sequence[TaskData]
+    ) -> tuple[list[float], float, float]:
+        """Without the task's name: each seen task's test data through `task_ids="auto"`,
+        scored over every class seen so far. Returns the accuracy (%) on each task's data, on
+        all of it, and the share (%) of samples whose task retrieval found, over all
+        processes."""
+        acc, handle = self.accelerator, self.handle
+        handle.eval()
+        offsets = handle.class_offsets()
+        row: list[float] = []
+        found = total_all = correct_all = 0
+        for index, task in enumerate(seen):
+            loader = acc.prepare(self._loader(task.test, train=False, seed=0))
+            correct = total = 0
+            for batch in loader:
+                inputs, labels = self._split(batch)
+                args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
+                ids = handle.predict_tasks(*args, **kwargs)
+                logits = forward_auto(handle, *args, predicted=ids, **kwargs)
+                truth = labels + offsets[task.name][0]
+                hits, right, labels = acc.gather_for_metrics(
+                    (logits.argmax(-1) == truth, ids.to(labels.device) == index, labels)
+                )
+                correct += int(hits.sum())
+                found += int(right.sum())
+                total += labels.numel()
+            row.append(100.0 * correct / max(total, 1))
+            total_all += total
+            correct_all += correct
+            acc.free_memory()
+        return row, 100.0 * correct_all / max(total_all, 1), 100.0 * found / max(total_all, 1)
+
     def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         device = self.accelerator.device
         if isinstance(batch, dict):
@@ -384,6 +437,10 @@ class ContinualTrainer:
                 f"[{task.name}] accuracy {row[-1]:.2f}%; all tasks: "
                 + " ".join(f"{a:.1f}" for a in row)
             )
+            if self.scenario == "class-incremental":
+                mark = time.perf_counter()
+                self._evaluate_without_task_names(t)
+                times["evaluate"] += time.perf_counter() - mark
             self.tracker.task_done(
                 [s.name for s in self.tasks[: t + 1]],
                 row,
@@ -401,6 +458,18 @@ class ContinualTrainer:
         self.accelerator.wait_for_everyone()
         self.tracker.finish(self.output_dir if self.accelerator.is_main_process else None)
         return result
+
+    def _evaluate_without_task_names(self, t: int) -> None:
+        seen = self.tasks[: t + 1]
+        ci_row, overall, retrieval = self.evaluate_class_incremental(seen)
+        self.state.ci_matrix.append(ci_row)
+        self.state.ci_seen.append(overall)
+        self.state.retrieval.append(retrieval)
+        self.log(
+            f"[{seen[-1].name}] without task names: {overall:.2f}% over the "
+            f"{sum(len(s.classes) for s in seen)} classes seen; task found for {retrieval:.2f}%"
+        )
+        self.tracker.class_incremental_done(overall, retrieval)
 
     def _save(self, task: TaskData) -> None:
         self.accelerator.wait_for_everyone()

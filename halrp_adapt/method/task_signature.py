@@ -1,0 +1,294 @@
+"""Task signatures: what a finished task keeps of its data's features so that a later input's
+task can be found without the task's name and without stored samples.
+
+A signature holds, for the features a task's data produces (the classifier head's input), each
+class's sample count and mean, and the within-class scatter `sum (x - mu_y)(x - mu_y)^T` over
+the task's samples. Classes of different tasks are disjoint, so the within-class scatter of any
+set of tasks is the sum of theirs: a covariance shared by whatever tasks are loaded comes from
+their signatures alone, and retrieval among a subset of tasks uses that subset only.
+
+Scoring is linear discriminant analysis on prototypes: with a shared covariance S, shrunk
+towards a scaled identity by the Oracle Approximating Shrinkage rule (Chen et al., 2010; it
+needs only S and the sample count), each prototype c scores `2 mu_c' P x - mu_c' P mu_c`
+(P = S^-1), which orders prototypes as the Mahalanobis distance does. A sample's task is the
+task of its best prototype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SIGNATURE_FEATURES = ("backbone", "task")
+
+
+@dataclass(frozen=True)
+class TaskSignature:
+    """One task's class counts, class means and within-class scatter of its features.
+
+    `features` says which features they are: "backbone" (the frozen backbone's, the same for
+    every task) or "task" (the task's own adapted features).
+
+    Example:
+        >>> acc = SignatureAccumulator()
+        >>> acc.update(torch.tensor([[0.0, 1.0], [2.0, 1.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]))
+        >>> sig = acc.finish("backbone")
+        >>> sig.counts.tolist(), sig.means[0].tolist(), sig.dim
+        ([2.0, 1.0], [1.0, 1.0], 2)
+    """
+
+    features: str
+    counts: Tensor  # (C,) float64: samples per class (0 for a class the data never showed)
+    means: Tensor  # (C, D)
+    scatter: Tensor  # (D, D) within-class scatter, summed over samples
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.counts, self.means, self.scatter))
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"counts": self.counts, "means": self.means, "scatter": self.scatter}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, Tensor], features: str, source: str
+    ) -> TaskSignature:
+        """Rebuild a signature from its saved tensors, refusing shapes that do not fit."""
+        missing = sorted({"counts", "means", "scatter"} - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: the task signature lacks {missing}.")
+        counts, means, scatter = tensors["counts"], tensors["means"], tensors["scatter"]
+        c, d = (means.shape[0], means.shape[1]) if means.dim() == 2 else (-1, -1)
+        if (
+            features not in SIGNATURE_FEATURES
+            or counts.shape != (c,)
+            or scatter.shape != (d, d)
+            or c < 1
+            or d < 1
+        ):
+            raise ValueError(
+                f"{source}: not a task signature (features {features!r}, counts "
+                f"{tuple(counts.shape)}, means {tuple(means.shape)}, scatter "
+                f"{tuple(scatter.shape)}; expected (C,), (C, D), (D, D))."
+            )
+        return cls(features, counts.double(), means.float(), scatter.float())
+
+
+class SignatureAccumulator:
+    """Running sums of features by label, in float64, for one task's signature.
+
+    Rows whose label is negative (e.g. an ignore index of -100) are skipped; without labels,
+    the whole task is one prototype.
+    """
+
+    def __init__(self) -> None:
+        self._sums: Tensor | None = None  # (C, D) float64
+        self._counts: Tensor | None = None  # (C,)
+        self._second: Tensor | None = None  # (D, D) float64: sum of x x'
+
+    def update(self, features: Tensor, labels: Tensor | None) -> None:
+        x = features.detach().to("cpu", torch.float64)
+        if x.dim() != 2:
+            raise ValueError(f"features must be (batch, dim), got {tuple(x.shape)}.")
+        if labels is None:
+            y = torch.zeros(x.shape[0], dtype=torch.long)
+        else:
+            y = labels.detach().to("cpu").reshape(-1).long()
+            if y.numel() != x.shape[0]:
+                raise ValueError(
+                    f"the calibration batch has {y.numel()} labels for {x.shape[0]} samples: "
+                    "a task signature needs one class label per sample."
+                )
+            keep = y >= 0
+            x, y = x[keep], y[keep]
+        if x.shape[0] == 0:
+            return
+        if self._sums is None:
+            d = x.shape[1]
+            self._sums = x.new_zeros(0, d)
+            self._counts = x.new_zeros(0)
+            self._second = x.new_zeros(d, d)
+        assert self._counts is not None and self._second is not None
+        if x.shape[1] != self._sums.shape[1]:
+            raise ValueError(
+                f"features changed width within one task ({self._sums.shape[1]} then {x.shape[1]})."
+            )
+        classes = int(y.max()) + 1
+        if classes > self._sums.shape[0]:
+            grow = classes - self._sums.shape[0]
+            self._sums = torch.cat([self._sums, x.new_zeros(grow, x.shape[1])])
+            self._counts = torch.cat([self._counts, x.new_zeros(grow)])
+        self._sums.index_add_(0, y, x)
+        self._counts.index_add_(0, y, torch.ones_like(y, dtype=x.dtype))
+        self._second += x.T @ x
+
+    def finish(self, features: str) -> TaskSignature:
+        if self._sums is None or self._counts is None or self._second is None:
+            raise ValueError("no sample reached the task signature (empty data or all labels < 0).")
+        counts = self._counts
+        means = self._sums / counts.clamp(min=1).unsqueeze(1)
+        # sum (x - mu_y)(x - mu_y)' = sum x x' - sum_c n_c mu_c mu_c'
+        scatter = self._second - (means.T * counts) @ means
+        scatter = (scatter + scatter.T) / 2
+        return TaskSignature(features, counts, means.float(), scatter.float())
+
+
+def oas_shrinkage(covariance: Tensor, samples: int) -> float:
+    """Oracle Approximating Shrinkage weight towards `trace/D * I` (Chen et al., 2010), from a
+    covariance estimate and the number of samples behind it; in [0, 1]."""
+    d = covariance.shape[0]
+    trace = float(torch.diagonal(covariance).sum())
+    trace_sq = float((covariance * covariance).sum())  # trace(S @ S) for a symmetric S
+    numerator = (1 - 2 / d) * trace_sq + trace**2
+    denominator = (samples + 1 - 2 / d) * (trace_sq - trace**2 / d)
+    if denominator <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, numerator / denominator)))
+
+
+def shrunk_precision(
+    scatter: Tensor, samples: int, classes: int, shrinkage: float | None
+) -> Tensor:
+    """The inverse of the within-class covariance `scatter / (samples - classes)`, shrunk by
+    `shrinkage` (None: the OAS weight) towards a scaled identity, in float64."""
+    dof = max(samples - classes, 1)
+    covariance = scatter.double() / dof
+    d = covariance.shape[0]
+    weight = oas_shrinkage(covariance, dof) if shrinkage is None else shrinkage
+    level = float(torch.diagonal(covariance).mean())
+    level = level if level > 0 else 1.0
+    target = torch.eye(d, dtype=torch.float64, device=covariance.device) * level
+    shrunk = (1 - weight) * covariance + weight * target
+    shrunk += torch.eye(d, dtype=torch.float64, device=covariance.device) * (1e-6 * level)
+    return torch.cholesky_inverse(torch.linalg.cholesky(shrunk))
+
+
+class PrototypeScorer:
+    """Scores features against the class prototypes of several tasks.
+
+    With `shared=True` (backbone features) every task's prototypes live in one feature space
+    and share one covariance, pooled from the tasks given; `class_scores` then ranks all their
+    classes at once. With `shared=False` (each task's own features) each task keeps its own
+    covariance and `task_scores` takes one feature batch per task, adding each task's
+    log-determinant so that Gaussian log-likelihoods compare across tasks.
+
+    Example:
+        >>> a, b = SignatureAccumulator(), SignatureAccumulator()
+        >>> a.update(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+        >>> b.update(torch.randn(64, 3) + 8, torch.randint(0, 2, (64,)))
+        >>> scorer = PrototypeScorer([a.finish("backbone"), b.finish("backbone")])
+        >>> scorer.predict_tasks(torch.tensor([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]])).tolist()
+        [0, 1]
+    """
+
+    def __init__(
+        self,
+        signatures: Sequence[TaskSignature],
+        shared: bool = True,
+        shrinkage: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not signatures:
+            raise ValueError("task retrieval needs at least one task signature.")
+        dims = {s.dim for s in signatures}
+        if shared and len(dims) > 1:
+            raise ValueError(f"the task signatures have features of different widths: {dims}.")
+        if shrinkage is not None and not 0 <= shrinkage <= 1:
+            raise ValueError(f"`shrinkage` must be None or in [0, 1], got {shrinkage}.")
+        self.shared = shared
+        self.dims = [s.dim for s in signatures]
+        weights, biases, owners = [], [], []
+        if shared:
+            samples = sum(s.num_samples for s in signatures)
+            classes = sum(int((s.counts > 0).sum()) for s in signatures)
+            scatter = sum((s.scatter.double() for s in signatures), torch.zeros(1))
+            precisions = [shrunk_precision(scatter, samples, classes, shrinkage)] * len(signatures)
+            log_dets = [0.0] * len(signatures)
+        else:
+            precisions, log_dets = [], []
+            for s in signatures:
+                classes = int((s.counts > 0).sum())
+                precision = shrunk_precision(s.scatter, s.num_samples, classes, shrinkage)
+                precisions.append(precision)
+                log_dets.append(-float(torch.linalg.slogdet(precision)[1]))
+        for index, (s, precision, log_det) in enumerate(
+            zip(signatures, precisions, log_dets, strict=True)
+        ):
+            present = s.counts > 0
+            means = s.means[present].double()
+            projected = means @ precision  # (C, D): P mu_c (P is symmetric)
+            weights.append(projected)
+            biases.append(-(projected * means).sum(1) - log_det)
+            owners.append(torch.full((means.shape[0],), index, dtype=torch.long))
+        self.class_index = [torch.nonzero(s.counts > 0).squeeze(1) for s in signatures]
+        self._weights = [w.float() for w in weights]
+        self._biases = [b.float() for b in biases]
+        self._precisions = [p.float() for p in precisions] if not shared else []
+        self.owners = torch.cat(owners)
+        if shared:
+            self._all_weights = torch.cat(self._weights)
+            self._all_biases = torch.cat(self._biases)
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: torch.device | str) -> PrototypeScorer:
+        move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+        self._weights, self._biases = move(self._weights), move(self._biases)
+        self._precisions = move(self._precisions)
+        self.owners = self.owners.to(device)
+        if self.shared:
+            self._all_weights = self._all_weights.to(device)
+            self._all_biases = self._all_biases.to(device)
+        return self
+
+    def _check_width(self, features: Tensor, index: int = 0) -> None:
+        if features.dim() != 2 or features.shape[1] != self.dims[index]:
+            raise ValueError(
+                f"features of shape {tuple(features.shape)} do not fit the task signatures, "
+                f"made from {self.dims[index]}-wide features (batch, {self.dims[index]})."
+            )
+
+    def class_scores(self, features: Tensor) -> Tensor:
+        """(batch, prototypes) scores of the prototypes of every task, in task order (shared
+        covariance only); higher is closer."""
+        if not self.shared:
+            raise RuntimeError("class_scores needs a shared feature space (shared=True).")
+        self._check_width(features)
+        x = features.to(self._all_weights.dtype)
+        return 2 * x @ self._all_weights.T + self._all_biases
+
+    def task_scores(self, features: Sequence[Tensor] | Tensor) -> Tensor:
+        """(batch, tasks): each task's best prototype score. With shared features pass one
+        batch; with per-task features one batch per task, in task order."""
+        if self.shared:
+            assert isinstance(features, Tensor)
+            scores = self.class_scores(features)
+            best = scores.new_full((scores.shape[0], len(self._weights)), float("-inf"))
+            return best.scatter_reduce(
+                1, self.owners.expand_as(scores), scores, reduce="amax", include_self=True
+            )
+        if isinstance(features, Tensor) or len(features) != len(self._weights):
+            raise ValueError("per-task scoring needs one feature batch per task, in task order.")
+        columns = []
+        for index, x in enumerate(features):
+            self._check_width(x, index)
+            x = x.to(self._weights[index].dtype)
+            quadratic = ((x @ self._precisions[index]) * x).sum(1, keepdim=True)
+            scores = 2 * x @ self._weights[index].T + self._biases[index] - quadratic
+            columns.append(scores.max(1).values)
+        return torch.stack(columns, 1)
+
+    def predict_tasks(self, features: Sequence[Tensor] | Tensor) -> Tensor:
+        """Each sample's task: an index into the signatures given."""
+        return self.task_scores(features).argmax(1)
