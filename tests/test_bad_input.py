@@ -19,7 +19,9 @@ from torch import nn
 
 import halrp_adapt
 from halrp_adapt import HalrpConfig
+from halrp_adapt.method.task_signature import PrototypeScorer, SignatureAccumulator
 from halrp_adapt.training.recipes import add_training_args, check_training_args, recipe_parser
+from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
 
 from conftest import batches, learn_task, tiny_cnn
 
@@ -76,6 +78,8 @@ CASES = [
          ValueError, r"`target_modules` entries \['qkv'\] match no module .*e\.g\. \['0'"),
     Case("attach-scale-modules", lambda w: halrp_adapt.attach(w.fresh, scale_modules=["qkv"]),
          ValueError, r"`scale_modules` entries \['qkv'\] match no adapted layer"),
+    Case("attach-task-signature", lambda w: halrp_adapt.attach(w.fresh, task_signature="pixels"),
+         ValueError, r"`task_signature` must be one of \('backbone', 'task', None\)"),
     Case("attach-twice", lambda w: halrp_adapt.attach(w.idle.model),
          ValueError, r"`model` already has HALRP adapters attached"),
     Case("attach-not-a-module", lambda w: halrp_adapt.attach("resnet18"),
@@ -118,6 +122,18 @@ CASES = [
          ValueError, r"`name`: unknown task 3; known tasks: \['a'\]"),
     Case("merge-unknown", lambda w: w.idle.merge("zzz"),
          ValueError, r"`name`: unknown task 'zzz'; known tasks"),
+    # task retrieval
+    Case("predict-no-signature", lambda w: _one_task_unsigned().predict_tasks(DATA[0][0]),
+         ValueError, r"tasks \['b'\] have no task signature.*; tasks with one: \['a'\]"),
+    Case("predict-feature-width", lambda w: _scorer_of_width(5).predict_tasks(torch.randn(2, 7)),
+         ValueError, r"features of shape \(2, 7\) do not fit .* \(batch, 5\)"),
+    Case("add-signature-open", lambda w: w.busy.add_signature("b", DATA),
+         RuntimeError, r"task 'b' is still in training: end_task\(\) makes its signature"),
+    Case("add-signature-existing", lambda w: w.idle.add_signature("a", DATA),
+         ValueError, r"task 'a' already has a signature"),
+    Case("trainer-scenario",
+         lambda w: ContinualTrainer(w.idle, [], TrainConfig(), scenario="open-set"),
+         ValueError, r"`scenario` must be one of \('task-incremental', 'class-incremental'\)"),
     # save_pretrained
     Case("save-dtype", lambda w: w.idle.save_pretrained(w.shelf, dtype="int8"),
          ValueError, r"`dtype` must be one of \['bfloat16', 'float16', 'float32'\]"),
@@ -155,9 +171,26 @@ CASES = [
          SystemExit, r"--epochs must be >= 1, got 0"),
     Case("recipe-lr", lambda w: _recipe_args(["--lr", "0"]),
          SystemExit, r"--lr must be > 0, got 0\.0"),
+    Case("recipe-scenario", lambda w: _recipe_args(["--scenario", "open-set"]),
+         SystemExit, r"--scenario: invalid choice: 'open-set' \(choose from"),
     Case("recipe-precision", lambda w: _recipe_args(["--mixed-precision", "fp8"]),
          SystemExit, r"--mixed-precision: invalid choice: 'fp8' \(choose from"),
 ]
+
+
+def _one_task_unsigned() -> halrp_adapt.HalrpModel:
+    """Task a with a signature, task b ended without calibration data (so without one)."""
+    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    learn_task(cl, "a", DATA, num_classes=3)
+    cl.add_task("b", num_classes=3)
+    cl.end_task()
+    return cl.eval()
+
+
+def _scorer_of_width(width: int) -> PrototypeScorer:
+    accumulator = SignatureAccumulator()
+    accumulator.update(torch.randn(8, width), torch.arange(8) % 2)
+    return PrototypeScorer([accumulator.finish("backbone")])
 
 
 def _other_handle(w: World) -> halrp_adapt.HalrpModel:

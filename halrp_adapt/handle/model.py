@@ -458,12 +458,12 @@ class HalrpModel(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        if info.trains_base:
+            self._adopt_as_base(task)  # before the signature: later tasks see this backbone
         if data is not None and wants_signature:
             kind = self._signature_kind()
             assert kind is not None
             info.signature = compute_signature(self, task, data, kind, max_calibration_batches)
-        if info.trains_base:
-            self._adopt_as_base(task)
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)

@@ -86,6 +86,14 @@ def add_training_args(
         default=output_dir,
         help="adapters, metrics, plots; rerun the same command to resume",
     )
+    group.add_argument(
+        "--scenario",
+        choices=["task-incremental", "class-incremental"],
+        default="task-incremental",
+        help="task-incremental: each test sample is scored with its task's name given; "
+        "class-incremental: also without it, over every class seen so far (each sample's task "
+        "found from the task signatures), with task retrieval's accuracy",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument(
         "--log-with",
@@ -204,6 +212,7 @@ def run_tasks(
         output_dir=args.output_dir,
         loss_fn=loss_fn,
         progress=not args.no_progress,
+        scenario=args.scenario,
     )
     results = trainer.run()
     accelerator.wait_for_everyone()

@@ -329,6 +329,16 @@ class ContinualTrainer:
             return
         for tensor in _live_task_tensors(self.handle, name).values():
             tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
+        signature = self.handle.task_signature(name)
+        if signature is not None:  # each process made it from the same data: keep rank 0's
+            device = self.accelerator.device
+            self.handle._tasks[name].signature = dataclasses.replace(
+                signature,
+                **{
+                    key: broadcast(value.to(device).contiguous(), from_process=0).cpu()
+                    for key, value in signature.to_tensors().items()
+                },
+            )
 
     @torch.no_grad()
     def evaluate(self, task: TaskData) -> float:

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch-norm", action="store_true",
                         help="add a BatchNorm1d (its statistics differ per process)")
+    parser.add_argument("--scenario", default="task-incremental")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, test = embedded_fashion_mnist()
@@ -53,13 +54,16 @@ def main() -> None:
     trainer = ContinualTrainer(handle, tasks, TrainConfig(epochs=args.epochs,
                                                           batch_size=args.batch_size, seed=0),
                                accelerator=accelerator, output_dir=args.output_dir,
-                               progress=False, log=lambda m: print(m, flush=True))
+                               progress=False, log=lambda m: print(m, flush=True),
+                               scenario=args.scenario)
     result = trainer.run()
     digests = {name: task_digest(trainer.handle, name) for name in trainer.handle.tasks}
     every_rank = gather_object([digests])
     if accelerator.is_main_process:
         print("RESULT " + json.dumps({"matrix": result["matrix"], "digests": every_rank,
-                                      "processes": accelerator.num_processes}), flush=True)
+                                      "processes": accelerator.num_processes,
+                                      "class_incremental": result["class_incremental"]}),
+              flush=True)
     finish_distributed()
 
 
