@@ -1,0 +1,405 @@
+"""Study 10: task-agnostic inference. How well does HALRP serve inputs that arrive without
+their task's name (class-incremental), and what does finding the task cost?
+
+On study 8's sequences (its data, epochs, batches, and HALRP's learning rate chosen there on
+validation), HALRP learns the tasks as usual; after each task every seen task's test data is
+scored over all classes seen so far, without task names, by:
+
+- halrp+retrieval (backbone)  each sample's task found from the frozen backbone's features
+                              (the default `task_signature="backbone"`), then its task's logits
+- halrp+retrieval (task)      the task found from each task's own adapted features
+                              (`task_signature="task"`: one forward per task)
+- oracle                      HALRP told the task (task-incremental): the ceiling of the above
+- prototype                   no adaptation: the frozen backbone's features, nearest class
+                              prototype under the pooled shrunk covariance (the same statistics
+                              as the signatures; the ViT's backbone is the one its first task
+                              trained, as HALRP's)
+- seq_ft                      one model fine-tuned task after task, its head growing by each
+                              task's classes, cross-entropy over every class seen so far; its
+                              learning rate swept over `--lrs` on validation at seed 0
+
+CI accuracy: correct predictions over all seen test samples after each task; "average" is its
+mean over the steps, "last" its value after the last task. Retrieval: the share of samples
+whose task was found. Cost: the median time of one batch of `--cost-batch` test samples
+through task retrieval, against one task's forward of the same batch (seed 0, after the last
+task, measured side by side in one process).
+
+    python benchmarks/class_incremental.py                  # 4 sequences x 3 seeds (CPU: ~1 h)
+    python benchmarks/class_incremental.py --sequences minilm-topics --seeds 1
+    python benchmarks/class_incremental.py --quick          # CI: tiny, every code path
+
+Writes benchmarks/results/class_incremental.json (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (study 8: its sequences, training loop and chosen rates)
+
+import halrp_adapt  # noqa: E402
+from halrp_adapt.handle.task_retrieval import compute_signature, head_features  # noqa: E402
+from halrp_adapt.method.task_signature import PrototypeScorer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQUENCES = ("vit-split-fmnist", "lite0-split-digits", "lite0-split-fmnist", "minilm-topics")
+METHODS = ("halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
+           "seq_ft")
+COST_RATIO_TARGET = 1.3
+
+
+def _inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor]:
+    batch = Q._on(batch, device)
+    if isinstance(batch, dict):
+        return (), {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    return (batch[0],), {}, batch[1]
+
+
+def _shifted(data: list, offset: int) -> list:
+    """The task's batches with labels moved to its place in the global class space."""
+    if isinstance(data[0], dict):
+        return [{**b, "labels": b["labels"] + offset} for b in data]
+    return [(x, y + offset) for x, y in data]
+
+
+def _ci(correct: list[int], totals: list[int]) -> float:
+    return 100.0 * sum(correct) / max(sum(totals), 1)
+
+
+# ---- HALRP, told the task or not --------------------------------------------------------------
+@torch.no_grad()
+def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[str, dict],
+                split: str, device: torch.device) -> dict[str, Any]:
+    """Every way of predicting a global class, on the `split` data of the seen tasks."""
+    cl.eval()
+    offsets = cl.class_offsets()
+    hits = {m: [] for m in METHODS if m != "seq_ft"}
+    found = {"backbone": 0, "task": 0}
+    totals = []
+    backbone = PrototypeScorer([designs["backbone"][t.name] for t in seen], device=device)
+    per_task = PrototypeScorer([designs["task"][t.name] for t in seen], shared=False,
+                               device=device)
+    class_global = torch.cat([offsets[t.name][0] + idx.to(device)
+                              for t, idx in zip(seen, backbone.class_index, strict=True)])
+    for index, task in enumerate(seen):
+        right = dict.fromkeys(hits, 0)
+        total = 0
+        for batch in getattr(task, split):
+            args, kwargs, labels = _inputs(batch, device)
+            truth = labels + offsets[task.name][0]
+            features = head_features(cl, None, *args, **kwargs)
+            scores = backbone.class_scores(features)
+            right["prototype"] += int((class_global[scores.argmax(1)] == truth).sum())
+            ids_backbone = backbone.predict_tasks(features)
+            own = [head_features(cl, t.name, *args, **kwargs) for t in seen]
+            ids_task = per_task.predict_tasks(own)
+            oracle_ids = torch.full_like(labels, index)
+            for name, ids in (("halrp+retrieval (backbone)", ids_backbone),
+                              ("halrp+retrieval (task)", ids_task), ("oracle", oracle_ids)):
+                local = Q.logits_of(cl.forward_tasks(ids, *args, **kwargs))
+                starts = torch.tensor([offsets[t.name][0] for t in seen], device=device)
+                predicted = starts[ids] + local.argmax(1)
+                right[name] += int((predicted == truth).sum())
+            found["backbone"] += int((ids_backbone == index).sum())
+            found["task"] += int((ids_task == index).sum())
+            total += len(labels)
+        for m in hits:
+            hits[m].append(right[m])
+        totals.append(total)
+    return {"per_task": {m: [100.0 * h / n for h, n in zip(v, totals, strict=True)]
+                         for m, v in hits.items()},
+            "all_seen": {m: _ci(v, totals) for m, v in hits.items()},
+            "retrieval": {k: 100.0 * v / max(sum(totals), 1) for k, v in found.items()}}
+
+
+def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    device = args.device
+    tasks = seq.tasks
+    model = seq.backbone(tasks[0].num_classes).to(device)
+    options = {"budget": args.budget, "train_base": seq.first_trains_backbone}
+    cl = halrp_adapt.attach(model, **options)
+    designs: dict[str, dict] = {"backbone": {}, "task": {}}
+    steps = []
+    for t, task in enumerate(tasks):
+        cl.add_task(task.name, num_classes=task.num_classes)
+        if not (seq.first_trains_backbone and t == 0):
+            cl.estimate_ranks([Q._on(b, device) for b in task.train], epochs=1)
+        Q.fit(cl, Q._groups(cl, lr, Q.Variant()), task.train, args.epochs, device,
+              extra_loss=cl.regularization_loss)
+        train = [Q._on(b, device) for b in task.train]
+        cl.end_task(calibration_data=train)
+        designs["backbone"][task.name] = cl.task_signature(task.name)
+        designs["task"][task.name] = compute_signature(cl, task.name, train, "task")
+        step = _score_step(cl, tasks[:t + 1], designs, "test", device)
+        steps.append(step)
+        print(f"    after {task.name}: " + "  ".join(
+            f"{m} {a:.1f}" for m, a in step["all_seen"].items()) + "  found " + "  ".join(
+            f"{k} {a:.1f}" for k, a in step["retrieval"].items()), flush=True)
+    cost = measure_cost(cl, designs, tasks, args) if seed == 0 else None
+    signature_bytes = [designs["backbone"][t.name].nbytes for t in tasks]
+    return {"steps": steps, "cost": cost, "signature_bytes": signature_bytes,
+            "stored_bytes_per_task": [4 * (cl.task_stats(t.name).stored_params
+                                           + cl.task_stats(t.name).head_params)
+                                      for t in tasks]}
+
+
+@torch.no_grad()
+def measure_cost(cl: halrp_adapt.HalrpModel, designs: dict[str, dict], tasks: list[Q.Task],
+                 args) -> dict[str, float]:
+    """Median seconds per batch, each kind of call interleaved with the others."""
+    cl.eval()
+    device = args.device
+    rows = [b for t in tasks for b in t.test]
+    args_, kwargs, _ = _inputs(rows[0], device)
+    batch = args.cost_batch
+
+    def cut(v):
+        return v[:batch] if isinstance(v, torch.Tensor) else v
+
+    args_ = tuple(cut(a) for a in args_)
+    kwargs = {k: cut(v) for k, v in kwargs.items()}
+    last = tasks[-1].name
+
+    def use(kind: str) -> None:
+        for t in tasks:
+            cl._tasks[t.name].signature = designs[kind][t.name]
+
+    def one_task():
+        with cl.task(last):
+            cl(*args_, **kwargs)
+
+    def retrieve_backbone():
+        use("backbone")
+        cl.predict_tasks(*args_, **kwargs)
+
+    def retrieve_task():
+        use("task")
+        cl.predict_tasks(*args_, **kwargs)
+
+    def auto_backbone():
+        use("backbone")
+        cl(*args_, task_ids="auto", **kwargs)
+
+    calls = {"one_task_forward": one_task, "retrieval_backbone": retrieve_backbone,
+             "retrieval_task": retrieve_task, "auto_forward_backbone": auto_backbone}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for call in calls.values():  # warm up, and build each design's cached scorer
+        call()
+        call()
+    for _ in range(args.cost_reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    use("backbone")
+    median = {k: statistics.median(v) for k, v in times.items()}
+    base = median["one_task_forward"]
+    return {"batch": int(next(a for a in (*args_, *kwargs.values())
+                             if isinstance(a, torch.Tensor)).shape[0]),
+            "tasks": len(tasks), "seconds": median,
+            "ratio": {k: v / base for k, v in median.items()}}
+
+
+# ---- sequential fine-tuning, its head growing --------------------------------------------------
+def _grow_head(model: nn.Module, head: str, more: int) -> None:
+    old = model.get_submodule(head)
+    assert isinstance(old, nn.Linear), f"{head} is {type(old).__name__}"
+    new = nn.Linear(old.in_features, old.out_features + more).to(old.weight.device)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+    model.set_submodule(head, new)
+
+
+@torch.no_grad()
+def _seq_ft_score(model: nn.Module, seen: list[Q.Task], offsets: list[int], split: str,
+                  device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for task, offset in zip(seen, offsets, strict=True):
+        for batch in getattr(task, split):
+            args, kwargs, labels = _inputs(batch, device)
+            logits = Q.logits_of(model(*args, **kwargs))
+            correct += int((logits.argmax(-1) == labels + offset).sum())
+            total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
+def run_seq_ft(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    device = args.device
+    tasks = seq.tasks
+    model = seq.backbone(tasks[0].num_classes).to(device)
+    offsets: list[int] = []
+    test, val = [], []
+    for t, task in enumerate(tasks):
+        offset = sum(s.num_classes for s in tasks[:t])
+        offsets.append(offset)
+        if t > 0:
+            _grow_head(model, seq.head, task.num_classes)
+        if hasattr(model, "config") and hasattr(model.config, "num_labels"):
+            model.config.num_labels = offset + task.num_classes  # transformers reads it
+        train = _shifted(task.train, offset)
+        Q.fit(model, [{"params": list(model.parameters()), "lr": lr}], train, args.epochs,
+              device)
+        Q.recalibrate(model, train, device)
+        test.append(_seq_ft_score(model, tasks[:t + 1], offsets, "test", device))
+        val.append(_seq_ft_score(model, tasks[:t + 1], offsets, "val", device))
+    return {"all_seen": test, "val_all_seen": val, "lr": lr}
+
+
+# ---- the study ---------------------------------------------------------------------------------
+def _halrp_rate(name: str, args) -> float:
+    """HALRP's learning rate chosen in study 8 (on validation, at seed 0)."""
+    table = json.loads(args.chosen_from.read_text())["summary"]["table"]
+    return float(table[name]["halrp"]["lr"]) if name in table else 1e-3
+
+
+def study(name: str, args) -> dict:
+    lr = _halrp_rate(name, args)
+    print(f"== {name}: HALRP lr {lr:g} (study 8)", flush=True)
+    out: dict[str, Any] = {"halrp_lr": lr, "seeds": {}}
+    sweep = {}
+    for rate in args.lrs:
+        seq = Q.make_sequence(name, 0, args)
+        sweep[rate] = run_seq_ft(seq, rate, 0, args)
+        print(f"  seq_ft lr {rate:g}: val average "
+              f"{statistics.mean(sweep[rate]['val_all_seen']):.2f}", flush=True)
+    chosen = max(sweep, key=lambda r: statistics.mean(sweep[r]["val_all_seen"]))
+    out["seq_ft_sweep"] = {str(r): statistics.mean(v["val_all_seen"]) for r, v in sweep.items()}
+    out["seq_ft_lr"] = chosen
+    for seed in range(args.seeds):
+        start = time.perf_counter()
+        seq = Q.make_sequence(name, seed, args)
+        halrp = run_halrp(seq, lr, seed, args)
+        ft = sweep[chosen] if seed == 0 else run_seq_ft(Q.make_sequence(name, seed, args),
+                                                          chosen, seed, args)
+        curves = {m: [s["all_seen"][m] for s in halrp["steps"]] for m in METHODS
+                  if m != "seq_ft"}
+        curves["seq_ft"] = ft["all_seen"]
+        result = {
+            "curves": curves,
+            "average": {m: statistics.mean(c) for m, c in curves.items()},
+            "last": {m: c[-1] for m, c in curves.items()},
+            "retrieval_last": halrp["steps"][-1]["retrieval"],
+            "ci_matrix": {m: [s["per_task"][m] for s in halrp["steps"]] for m in
+                          ("halrp+retrieval (backbone)", "oracle")},
+            "cost": halrp["cost"],
+            "signature_bytes": halrp["signature_bytes"],
+            "stored_bytes_per_task": halrp["stored_bytes_per_task"],
+            "wall_s": time.perf_counter() - start,
+        }
+        out["seeds"][str(seed)] = result
+        print(f"  seed {seed}: last " + "  ".join(
+            f"{m} {a:.1f}" for m, a in result["last"].items()), flush=True)
+    return out
+
+
+def summarize(sequences: dict[str, dict]) -> dict:
+    table: dict[str, Any] = {}
+    for name, runs in sequences.items():
+        seeds = list(runs["seeds"].values())
+        row: dict[str, Any] = {}
+        for metric in ("average", "last"):
+            row[metric] = {m: statistics.mean(s[metric][m] for s in seeds) for m in METHODS}
+        row["retrieval"] = {k: statistics.mean(s["retrieval_last"][k] for s in seeds)
+                            for k in ("backbone", "task")}
+        row["cost_ratio"] = next((s["cost"]["ratio"] for s in seeds if s["cost"]), None)
+        row["signature_bytes"] = statistics.mean(b for s in seeds for b in s["signature_bytes"])
+        row["stored_bytes_per_task"] = statistics.mean(
+            b for s in seeds for b in s["stored_bytes_per_task"])
+        row["seeds"] = len(seeds)
+        table[name] = row
+    best = "halrp+retrieval (backbone)"
+    beats = {name: {peer: {metric: r[metric][best] > r[metric][peer]
+                           for metric in ("average", "last")}
+                    for peer in ("prototype", "seq_ft")} for name, r in table.items()}
+    ratios = {name: r["cost_ratio"]["retrieval_backbone"] for name, r in table.items()
+              if r["cost_ratio"]}
+    targets = {
+        "beats_prototype_and_seq_ft_on_every_sequence": {
+            "met": all(v for b in beats.values() for p in b.values() for v in p.values()),
+            "detail": beats},
+        f"retrieval_at_most_{COST_RATIO_TARGET}x_one_task_forward": {
+            "met": bool(ratios) and all(v <= COST_RATIO_TARGET for v in ratios.values()),
+            "ratios": ratios},
+    }
+    return {"table": table, "targets": targets}
+
+
+def _write(path: Path, args, argv: list[str] | None, sequences: dict, wall_s: float) -> dict:
+    command = "python benchmarks/class_incremental.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    out = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                      f"{args.device.type}",
+           "settings": {k: (str(v) if isinstance(v, (Path, torch.device)) else v)
+                        for k, v in vars(args).items()},
+           "wall_s": wall_s, "sequences": sequences, "summary": summarize(sequences)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI: tiny, every code path")
+    parser.add_argument("--sequences", default=",".join(SEQUENCES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lrs", default="1e-4,1e-3,1e-2", help="seq_ft's sweep")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--data", choices=["embedded", "full"], default="embedded")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cost-batch", type=int, default=64)
+    parser.add_argument("--cost-reps", type=int, default=15)
+    parser.add_argument("--chosen-from", type=Path, default=RESULTS / "quality.json",
+                        help="study 8's results, for HALRP's chosen learning rates")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.lrs = [float(v) for v in args.lrs.split(",")]
+    if args.quick:
+        args.seeds, args.lrs, args.epochs, args.cost_reps = 1, args.lrs[:1], 1, 2
+    args.device = torch.device(args.device)
+    if args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    names = [s for s in args.sequences.split(",") if s]
+    unknown = [s for s in names if s not in Q.SEQUENCES]
+    if unknown:
+        parser.error(f"--sequences: unknown {unknown}; allowed: {', '.join(SEQUENCES)}")
+    start = time.perf_counter()
+    path = args.out or RESULTS / ("class_incremental_quick.json" if args.quick
+                                  else "class_incremental.json")
+    sequences: dict[str, dict] = {}
+    for name in names:  # written after each sequence: a stopped run keeps what it measured
+        sequences[name] = study(name, args)
+        out = _write(path, args, argv, sequences, time.perf_counter() - start)
+    summary = out["summary"]
+    for name, row in summary["table"].items():
+        print(f"{name}: last " + "  ".join(f"{m} {a:.2f}" for m, a in row["last"].items()))
+    for target, value in summary["targets"].items():
+        print(f"target {target}: {'met' if value['met'] else 'MISSED'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
