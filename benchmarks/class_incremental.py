@@ -79,41 +79,59 @@ def _ci(correct: list[int], totals: list[int]) -> float:
 
 
 # ---- HALRP, told the task or not --------------------------------------------------------------
+# Signature designs scored for retrieval: the default (backbone features, scatter kept as 64
+# eigenpairs plus its diagonal), the whole scatter, 16 eigenpairs, and each task's own features.
+DESIGNS = {"backbone": ("backbone", 64), "backbone, whole scatter": ("backbone", None),
+           "backbone, rank 16": ("backbone", 16), "task": ("task", 64)}
+
+
 @torch.no_grad()
 def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[str, dict],
                 split: str, device: torch.device) -> dict[str, Any]:
-    """Every way of predicting a global class, on the `split` data of the seen tasks."""
+    """Every way of predicting a global class, on the `split` data of the seen tasks.
+
+    The default design runs the real path (`predict_tasks`, then the mixed-batch forward).
+    Classes of different tasks are disjoint, so routing a sample to another task is always a
+    wrong class: every other design's hits are (task found) and (the oracle right)."""
     cl.eval()
     offsets = cl.class_offsets()
-    hits = {m: [] for m in METHODS if m != "seq_ft"}
-    found = {"backbone": 0, "task": 0}
+    names = [t.name for t in seen]
+    scorers = {d: PrototypeScorer([designs[d][n] for n in names], shared=kind == "backbone",
+                                  device=device) for d, (kind, _) in DESIGNS.items()}
+    starts = torch.tensor([offsets[n][0] for n in names], device=device)
+    columns = ["halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype"]
+    hits: dict[str, list[int]] = {m: [] for m in columns}
+    found = dict.fromkeys(DESIGNS, 0)
+    extra_hits = dict.fromkeys(DESIGNS, 0)
     totals = []
-    backbone = PrototypeScorer([designs["backbone"][t.name] for t in seen], device=device)
-    per_task = PrototypeScorer([designs["task"][t.name] for t in seen], shared=False,
-                               device=device)
-    class_global = torch.cat([offsets[t.name][0] + idx.to(device)
-                              for t, idx in zip(seen, backbone.class_index, strict=True)])
+    default = scorers["backbone"]
+    class_global = torch.cat([offsets[n][0] + idx.to(device)
+                              for n, idx in zip(names, default.class_index, strict=True)])
     for index, task in enumerate(seen):
-        right = dict.fromkeys(hits, 0)
+        right = dict.fromkeys(columns, 0)
         total = 0
         for batch in getattr(task, split):
             args, kwargs, labels = _inputs(batch, device)
             truth = labels + offsets[task.name][0]
             features = head_features(cl, None, *args, **kwargs)
-            scores = backbone.class_scores(features)
-            right["prototype"] += int((class_global[scores.argmax(1)] == truth).sum())
-            ids_backbone = backbone.predict_tasks(features)
-            own = [head_features(cl, t.name, *args, **kwargs) for t in seen]
-            ids_task = per_task.predict_tasks(own)
-            oracle_ids = torch.full_like(labels, index)
-            for name, ids in (("halrp+retrieval (backbone)", ids_backbone),
-                              ("halrp+retrieval (task)", ids_task), ("oracle", oracle_ids)):
-                local = Q.logits_of(cl.forward_tasks(ids, *args, **kwargs))
-                starts = torch.tensor([offsets[t.name][0] for t in seen], device=device)
-                predicted = starts[ids] + local.argmax(1)
-                right[name] += int((predicted == truth).sum())
-            found["backbone"] += int((ids_backbone == index).sum())
-            found["task"] += int((ids_task == index).sum())
+            right["prototype"] += int((class_global[default.class_scores(features)
+                                                    .argmax(1)] == truth).sum())
+            oracle = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
+                                                  **kwargs)).argmax(1) == labels
+            right["oracle"] += int(oracle.sum())
+            own = [head_features(cl, n, *args, **kwargs) for n in names]
+            for design, (kind, _) in DESIGNS.items():
+                ids = scorers[design].predict_tasks(features if kind == "backbone" else own)
+                hit = (ids == index) & oracle
+                found[design] += int((ids == index).sum())
+                extra_hits[design] += int(hit.sum())
+                if design == "backbone":  # the real path, end to end
+                    local = Q.logits_of(cl.forward_tasks(ids, *args, **kwargs))
+                    routed = starts[ids] + local.argmax(1) == truth
+                    assert torch.equal(routed, hit), "routing disagrees with its definition"
+                    right["halrp+retrieval (backbone)"] += int(routed.sum())
+                if design == "task":
+                    right["halrp+retrieval (task)"] += int(hit.sum())
             total += len(labels)
         for m in hits:
             hits[m].append(right[m])
@@ -121,7 +139,9 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
     return {"per_task": {m: [100.0 * h / n for h, n in zip(v, totals, strict=True)]
                          for m, v in hits.items()},
             "all_seen": {m: _ci(v, totals) for m, v in hits.items()},
-            "retrieval": {k: 100.0 * v / max(sum(totals), 1) for k, v in found.items()}}
+            "retrieval": {d: 100.0 * v / max(sum(totals), 1) for d, v in found.items()},
+            "designs_all_seen": {d: 100.0 * v / max(sum(totals), 1)
+                                 for d, v in extra_hits.items()}}
 
 
 def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
@@ -129,9 +149,10 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
     device = args.device
     tasks = seq.tasks
     model = seq.backbone(tasks[0].num_classes).to(device)
-    options = {"budget": args.budget, "train_base": seq.first_trains_backbone}
+    options = {"budget": args.budget, "train_base": seq.first_trains_backbone,
+               "signature_rank": None}  # the whole scatter; each design cuts its own
     cl = halrp_adapt.attach(model, **options)
-    designs: dict[str, dict] = {"backbone": {}, "task": {}}
+    designs: dict[str, dict] = {d: {} for d in DESIGNS}
     steps = []
     for t, task in enumerate(tasks):
         cl.add_task(task.name, num_classes=task.num_classes)
@@ -141,16 +162,20 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
               extra_loss=cl.regularization_loss)
         train = [Q._on(b, device) for b in task.train]
         cl.end_task(calibration_data=train)
-        designs["backbone"][task.name] = cl.task_signature(task.name)
-        designs["task"][task.name] = compute_signature(cl, task.name, train, "task")
+        whole = cl.task_signature(task.name)
+        for design, (kind, rank) in DESIGNS.items():
+            designs[design][task.name] = (
+                whole.compressed(rank) if kind == "backbone"
+                else compute_signature(cl, task.name, train, "task", rank=rank))
+        cl._tasks[task.name].signature = designs["backbone"][task.name]  # what attach stores
         step = _score_step(cl, tasks[:t + 1], designs, "test", device)
         steps.append(step)
         print(f"    after {task.name}: " + "  ".join(
             f"{m} {a:.1f}" for m, a in step["all_seen"].items()) + "  found " + "  ".join(
             f"{k} {a:.1f}" for k, a in step["retrieval"].items()), flush=True)
     cost = measure_cost(cl, designs, tasks, args) if seed == 0 else None
-    signature_bytes = [designs["backbone"][t.name].nbytes for t in tasks]
-    return {"steps": steps, "cost": cost, "signature_bytes": signature_bytes,
+    return {"steps": steps, "cost": cost,
+            "signature_bytes": {d: [designs[d][t.name].nbytes for t in tasks] for d in DESIGNS},
             "stored_bytes_per_task": [4 * (cl.task_stats(t.name).stored_params
                                            + cl.task_stats(t.name).head_params)
                                       for t in tasks]}
@@ -297,6 +322,9 @@ def study(name: str, args) -> dict:
             "average": {m: statistics.mean(c) for m, c in curves.items()},
             "last": {m: c[-1] for m, c in curves.items()},
             "retrieval_last": halrp["steps"][-1]["retrieval"],
+            "designs_average": {d: statistics.mean(s["designs_all_seen"][d]
+                                                   for s in halrp["steps"]) for d in DESIGNS},
+            "designs_last": halrp["steps"][-1]["designs_all_seen"],
             "ci_matrix": {m: [s["per_task"][m] for s in halrp["steps"]] for m in
                           ("halrp+retrieval (backbone)", "oracle")},
             "cost": halrp["cost"],
@@ -318,9 +346,13 @@ def summarize(sequences: dict[str, dict]) -> dict:
         for metric in ("average", "last"):
             row[metric] = {m: statistics.mean(s[metric][m] for s in seeds) for m in METHODS}
         row["retrieval"] = {k: statistics.mean(s["retrieval_last"][k] for s in seeds)
-                            for k in ("backbone", "task")}
+                            for k in DESIGNS}
+        for metric in ("designs_average", "designs_last"):
+            row[metric] = {d: statistics.mean(s[metric][d] for s in seeds) for d in DESIGNS}
         row["cost_ratio"] = next((s["cost"]["ratio"] for s in seeds if s["cost"]), None)
-        row["signature_bytes"] = statistics.mean(b for s in seeds for b in s["signature_bytes"])
+        row["signature_bytes"] = {d: statistics.mean(b for s in seeds
+                                                     for b in s["signature_bytes"][d])
+                                  for d in DESIGNS}
         row["stored_bytes_per_task"] = statistics.mean(
             b for s in seeds for b in s["stored_bytes_per_task"])
         row["seeds"] = len(seeds)

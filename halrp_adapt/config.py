@@ -128,6 +128,14 @@ class HalrpConfig(PeftConfig):
             "(the task's own, one forward per task), or None (no signature)."
         },
     )
+    signature_rank: int | None = field(
+        default=64,
+        metadata={
+            "help": "A task signature keeps its within-class scatter as this many leading "
+            "eigenpairs plus the diagonal ((rank + 1) x D numbers for D-wide features); None "
+            "keeps the whole D x D matrix."
+        },
+    )
     train_base: bool = field(
         default=False,
         metadata={
@@ -190,6 +198,8 @@ class HalrpConfig(PeftConfig):
             raise ValueError(
                 f"`task_signature` must be one of {SIGNATURE_CHOICES}, got {self.task_signature!r}."
             )
+        if self.signature_rank is not None:
+            _check_int("signature_rank", self.signature_rank, minimum=1)
         if self.svd not in SVD_METHODS:
             raise ValueError(f"`svd` must be one of {SVD_METHODS}, got {self.svd!r}.")
         for name in ("target_modules", "exclude_modules", "scale_modules"):

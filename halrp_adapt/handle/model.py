@@ -463,7 +463,9 @@ class HalrpModel(nn.Module):
         if data is not None and wants_signature:
             kind = self._signature_kind()
             assert kind is not None
-            info.signature = compute_signature(self, task, data, kind, max_calibration_batches)
+            info.signature = compute_signature(
+                self, task, data, kind, max_calibration_batches, self.config.signature_rank
+            )
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)
@@ -501,7 +503,9 @@ class HalrpModel(nn.Module):
                 "`task_signature` is None for this model (or it has no classifier head): "
                 "attach with task_signature='backbone' or 'task'."
             )
-        info.signature = compute_signature(self, name, data, kind, max_batches)
+        info.signature = compute_signature(
+            self, name, data, kind, max_batches, self.config.signature_rank
+        )
         return info.signature
 
     def task_signature(self, name: str) -> TaskSignature | None:

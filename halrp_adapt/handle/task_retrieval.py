@@ -78,9 +78,10 @@ def compute_signature(
     data: Iterable[Any],
     features: str,
     max_batches: int | None = None,
+    rank: int | None = None,
 ) -> TaskSignature:
     """Task `task`'s signature from `data` (batches with labels), in eval mode, changing
-    nothing in the model."""
+    nothing in the model; its scatter cut to `rank` eigenpairs plus the diagonal (None: whole)."""
     accumulator = SignatureAccumulator()
     was_training = handle.model.training
     handle.model.eval()
@@ -91,7 +92,7 @@ def compute_signature(
             accumulator.update(x, batch_labels(batch))
     finally:
         handle.model.train(was_training)
-    return accumulator.finish(features)
+    return accumulator.finish(features).compressed(rank)
 
 
 def scorer_for(handle: HalrpModel, device: torch.device) -> PrototypeScorer:

@@ -30,7 +30,10 @@ class TaskSignature:
     """One task's class counts, class means and within-class scatter of its features.
 
     `features` says which features they are: "backbone" (the frozen backbone's, the same for
-    every task) or "task" (the task's own adapted features).
+    every task) or "task" (the task's own adapted features). The scatter is kept whole
+    (`scatter`, D x D) or, from `compressed(rank)`, as its leading eigenvectors and eigenvalues
+    plus its exact diagonal (`basis`, `spectrum`, `diagonal`: (rank + 1) * D numbers instead of
+    D * D), which is what a task stores by default for wide features.
 
     Example:
         >>> acc = SignatureAccumulator()
@@ -43,7 +46,10 @@ class TaskSignature:
     features: str
     counts: Tensor  # (C,) float64: samples per class (0 for a class the data never showed)
     means: Tensor  # (C, D)
-    scatter: Tensor  # (D, D) within-class scatter, summed over samples
+    scatter: Tensor | None = None  # (D, D) within-class scatter, summed over samples
+    basis: Tensor | None = None  # (k, D): the scatter's leading eigenvectors, as rows
+    spectrum: Tensor | None = None  # (k,): their eigenvalues
+    diagonal: Tensor | None = None  # (D,): the scatter's diagonal
 
     @property
     def dim(self) -> int:
@@ -54,35 +60,83 @@ class TaskSignature:
         return int(self.counts.sum())
 
     @property
+    def rank(self) -> int | None:
+        """Rank of the kept scatter summary (None: the whole matrix)."""
+        return None if self.basis is None else int(self.basis.shape[0])
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.counts, self.means, self.scatter))
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def scatter_matrix(self) -> Tensor:
+        """The within-class scatter (D, D) in float64: as kept, or rebuilt from its leading
+        eigenpairs with the rest of each diagonal entry added back on the diagonal."""
+        if self.scatter is not None:
+            return self.scatter.double()
+        assert self.basis is not None and self.spectrum is not None and self.diagonal is not None
+        basis = self.basis.double()
+        low = (basis.T * self.spectrum.double()) @ basis
+        rest = (self.diagonal.double() - torch.diagonal(low)).clamp(min=0)
+        return low + torch.diag(rest)
+
+    def compressed(self, rank: int | None) -> TaskSignature:
+        """This signature with its scatter cut to `rank` eigenpairs plus its diagonal (itself
+        when `rank` is None or keeps nothing smaller)."""
+        if rank is None or self.scatter is None or (rank + 1) * self.dim >= self.dim**2:
+            return self
+        values, vectors = torch.linalg.eigh(self.scatter.double())
+        top = values.argsort(descending=True)[:rank]
+        return TaskSignature(
+            self.features,
+            self.counts,
+            self.means,
+            basis=vectors[:, top].T.float().contiguous(),
+            spectrum=values[top].clamp(min=0).float(),
+            diagonal=torch.diagonal(self.scatter).float().clone(),
+        )
 
     def to_tensors(self) -> dict[str, Tensor]:
-        return {"counts": self.counts, "means": self.means, "scatter": self.scatter}
+        parts = {
+            "counts": self.counts,
+            "means": self.means,
+            "scatter": self.scatter,
+            "basis": self.basis,
+            "spectrum": self.spectrum,
+            "diagonal": self.diagonal,
+        }
+        return {k: v for k, v in parts.items() if v is not None}
 
     @classmethod
     def from_tensors(
         cls, tensors: Mapping[str, Tensor], features: str, source: str
     ) -> TaskSignature:
         """Rebuild a signature from its saved tensors, refusing shapes that do not fit."""
-        missing = sorted({"counts", "means", "scatter"} - set(tensors))
+        full = "scatter" in tensors
+        need = {"counts", "means"} | ({"scatter"} if full else {"basis", "spectrum", "diagonal"})
+        missing = sorted(need - set(tensors))
         if missing:
             raise ValueError(f"{source}: the task signature lacks {missing}.")
-        counts, means, scatter = tensors["counts"], tensors["means"], tensors["scatter"]
+        counts, means = tensors["counts"], tensors["means"]
         c, d = (means.shape[0], means.shape[1]) if means.dim() == 2 else (-1, -1)
-        if (
-            features not in SIGNATURE_FEATURES
-            or counts.shape != (c,)
-            or scatter.shape != (d, d)
-            or c < 1
-            or d < 1
-        ):
-            raise ValueError(
-                f"{source}: not a task signature (features {features!r}, counts "
-                f"{tuple(counts.shape)}, means {tuple(means.shape)}, scatter "
-                f"{tuple(scatter.shape)}; expected (C,), (C, D), (D, D))."
+        if full:
+            fits = tensors["scatter"].shape == (d, d)
+        else:
+            k = tensors["basis"].shape[0] if tensors["basis"].dim() == 2 else -1
+            fits = (
+                tensors["basis"].shape == (k, d)
+                and tensors["spectrum"].shape == (k,)
+                and tensors["diagonal"].shape == (d,)
+                and k >= 1
             )
-        return cls(features, counts.double(), means.float(), scatter.float())
+        if features not in SIGNATURE_FEATURES or counts.shape != (c,) or not fits or min(c, d) < 1:
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            raise ValueError(
+                f"{source}: not a task signature (features {features!r}, shapes {shapes}; "
+                "expected counts (C,), means (C, D), and scatter (D, D) or basis (k, D), "
+                "spectrum (k,), diagonal (D,))."
+            )
+        parts = {k: tensors[k].float() for k in need - {"counts", "means"}}
+        return cls(features, counts.double(), means.float(), **parts)
 
 
 class SignatureAccumulator:
@@ -141,7 +195,7 @@ class SignatureAccumulator:
         # sum (x - mu_y)(x - mu_y)' = sum x x' - sum_c n_c mu_c mu_c'
         scatter = self._second - (means.T * counts) @ means
         scatter = (scatter + scatter.T) / 2
-        return TaskSignature(features, counts, means.float(), scatter.float())
+        return TaskSignature(features, counts, means.float(), scatter=scatter.float())
 
 
 def oas_shrinkage(covariance: Tensor, samples: int) -> float:
@@ -212,14 +266,14 @@ class PrototypeScorer:
         if shared:
             samples = sum(s.num_samples for s in signatures)
             classes = sum(int((s.counts > 0).sum()) for s in signatures)
-            scatter = sum((s.scatter.double() for s in signatures), torch.zeros(1))
+            scatter = sum((s.scatter_matrix() for s in signatures), torch.zeros(1))
             precisions = [shrunk_precision(scatter, samples, classes, shrinkage)] * len(signatures)
             log_dets = [0.0] * len(signatures)
         else:
             precisions, log_dets = [], []
             for s in signatures:
                 classes = int((s.counts > 0).sum())
-                precision = shrunk_precision(s.scatter, s.num_samples, classes, shrinkage)
+                precision = shrunk_precision(s.scatter_matrix(), s.num_samples, classes, shrinkage)
                 precisions.append(precision)
                 log_dets.append(-float(torch.linalg.slogdet(precision)[1]))
         for index, (s, precision, log_det) in enumerate(
