@@ -2,6 +2,8 @@
 
 Each task is made to use its whole budget (explained share 1.0, so the ranks fill the budget up
 front, then factors of twice that size are pruned back to it): the worst case for file size.
+The task's signature (for finding an input's task without its name, `task_signature.safetensors`,
+default `signature_rank`) is a file of its own beside the weights, counted separately.
 Prints a table, writes benchmarks/results/bytes_per_task.json.
 
     python benchmarks/bytes_per_task.py            # ResNet-18 and ViT-S/16, budgets .01/.05/.2
@@ -21,7 +23,7 @@ import timm
 import torch
 
 import halrp_adapt
-from halrp_adapt.files.storage import WEIGHTS_NAME
+from halrp_adapt.files.storage import SIGNATURE_NAME, WEIGHTS_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,13 +41,16 @@ def task_bytes(model_name: str, kwargs: dict, budget: float, dtype: str) -> dict
             k = min(2 * layer.rank("t"), layer.out_features, layer.in_features)
             layer.set_low_rank("t", 0.02 * torch.randn(k, layer.in_features),
                                0.02 * torch.randn(layer.out_features, k))
-    stats = cl.end_task()
+    stats = cl.end_task(calibration_data=data)  # also makes the task signature
     with tempfile.TemporaryDirectory() as tmp:
         cl.save_pretrained(tmp, dtype=dtype)
         nbytes = (Path(tmp) / "t" / WEIGHTS_NAME).stat().st_size
+        signature_bytes = (Path(tmp) / "t" / SIGNATURE_NAME).stat().st_size
     backbone_bytes = 4 * cl.backbone_params
     return {"model": model_name, "budget": budget, "dtype": dtype,
             "backbone_params": cl.backbone_params, "file_bytes": nbytes,
+            "signature_bytes": signature_bytes,
+            "signature_over_backbone": signature_bytes / backbone_bytes,
             "bytes_over_backbone": nbytes / backbone_bytes, "growth": stats.growth,
             "head_params": stats.head_params,
             "within_budget_plus_64KiB": nbytes <= budget * backbone_bytes + 65536}

@@ -186,11 +186,14 @@ def speed(data: dict) -> list[str]:
 def bytes_section(data: dict) -> list[str]:
     lines = ["## 5. Bytes on disk per task", "", f"Command: {_provenance(data)}. Each task is "
              "made to fill its budget (worst case).", "",
-             "| backbone | budget | dtype | file bytes | / backbone fp32 bytes | growth |",
-             "|---|---|---|---|---|---|"]
+             "| backbone | budget | dtype | file bytes | / backbone fp32 bytes | growth | "
+             "signature bytes (/ backbone) |",
+             "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        signature = (f"{r['signature_bytes']:,} ({r['signature_over_backbone']:.4f})"
+                     if "signature_bytes" in r else "-")
         lines.append(f"| {r['model']} | {r['budget']} | {r['dtype']} | {r['file_bytes']:,} | "
-                     f"{r['bytes_over_backbone']:.4f} | {r['growth']:.4f} |")
+                     f"{r['bytes_over_backbone']:.4f} | {r['growth']:.4f} | {signature} |")
     strict = all(r["bytes_over_backbone"] <= r["budget"] for r in data["rows"]
                  if r["dtype"] == "float32")
     slack = all(r["within_budget_plus_64KiB"] for r in data["rows"])

