@@ -57,6 +57,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEQUENCES = ("vit-split-fmnist", "lite0-split-digits", "lite0-split-fmnist", "minilm-topics")
 METHODS = ("halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
            "seq_ft")
+# Measured beside the methods, not a default: within the found task, the head's log-posterior
+# plus the prototypes' (a product of the two classifiers' probabilities, nothing tuned).
+FUSED = "halrp+retrieval, head x prototypes"
 COST_RATIO_TARGET = 1.3
 
 
@@ -99,7 +102,8 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
     scorers = {d: PrototypeScorer([designs[d][n] for n in names], shared=kind == "backbone",
                                   device=device) for d, (kind, _) in DESIGNS.items()}
     starts = torch.tensor([offsets[n][0] for n in names], device=device)
-    columns = ["halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype"]
+    columns = ["halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
+               FUSED]
     hits: dict[str, list[int]] = {m: [] for m in columns}
     found = dict.fromkeys(DESIGNS, 0)
     extra_hits = dict.fromkeys(DESIGNS, 0)
@@ -116,9 +120,14 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
             features = head_features(cl, None, *args, **kwargs)
             right["prototype"] += int((class_global[default.class_scores(features)
                                                     .argmax(1)] == truth).sum())
-            oracle = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
-                                                  **kwargs)).argmax(1) == labels
+            oracle_logits = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
+                                                         **kwargs))
+            oracle = oracle_logits.argmax(1) == labels
             right["oracle"] += int(oracle.sum())
+            # within the found task: the head's and the prototypes' log-posteriors added
+            scores = default.class_scores(features)[:, default.owners == index]
+            fused = (torch.log_softmax(oracle_logits.float(), 1)
+                     + torch.log_softmax(0.5 * scores, 1)).argmax(1) == labels
             own = [head_features(cl, n, *args, **kwargs) for n in names]
             for design, (kind, _) in DESIGNS.items():
                 ids = scorers[design].predict_tasks(features if kind == "backbone" else own)
@@ -132,6 +141,8 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
                     right["halrp+retrieval (backbone)"] += int(routed.sum())
                 if design == "task":
                     right["halrp+retrieval (task)"] += int(hit.sum())
+                if design == "backbone":
+                    right[FUSED] += int(((ids == index) & fused).sum())
             total += len(labels)
         for m in hits:
             hits[m].append(right[m])
@@ -314,7 +325,7 @@ def study(name: str, args) -> dict:
         halrp = run_halrp(seq, lr, seed, args)
         ft = sweep[chosen] if seed == 0 else run_seq_ft(Q.make_sequence(name, seed, args),
                                                           chosen, seed, args)
-        curves = {m: [s["all_seen"][m] for s in halrp["steps"]] for m in METHODS
+        curves = {m: [s["all_seen"][m] for s in halrp["steps"]] for m in (*METHODS, FUSED)
                   if m != "seq_ft"}
         curves["seq_ft"] = ft["all_seen"]
         result = {
@@ -345,6 +356,8 @@ def summarize(sequences: dict[str, dict]) -> dict:
         row: dict[str, Any] = {}
         for metric in ("average", "last"):
             row[metric] = {m: statistics.mean(s[metric][m] for s in seeds) for m in METHODS}
+            if all(FUSED in s[metric] for s in seeds):
+                row[metric][FUSED] = statistics.mean(s[metric][FUSED] for s in seeds)
         row["retrieval"] = {k: statistics.mean(s["retrieval_last"][k] for s in seeds)
                             for k in DESIGNS}
         for metric in ("designs_average", "designs_last"):

@@ -141,7 +141,7 @@ def test_class_incremental_quick(tmp_path):
     assert json.loads((tmp_path / "ci.json").read_text())["summary"] == out["summary"]
     row = out["summary"]["table"]["lite0-split-digits"]
     methods = {"halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
-               "seq_ft"}
+               "seq_ft", "halrp+retrieval, head x prototypes"}
     assert set(row["average"]) == set(row["last"]) == methods
     # a sample can only lose when its task must be found first
     assert row["last"]["halrp+retrieval (backbone)"] <= row["last"]["oracle"]

@@ -424,7 +424,9 @@ class HalrpModel(nn.Module):
         statistics ended without it keeps those lagging statistics, with a warning. The same
         batches, with their labels, make the task's signature (`task_signature` option), which
         `predict_tasks` and `forward(..., task_ids="auto")` use to find an input's task; a task
-        ended without them has none (`add_signature` adds one later).
+        ended without them has none (`add_signature` adds one later). Batches whose labels are
+        not one per sample (a language model's token labels) give the task one prototype; a
+        signature that cannot be made is a warning, never the loss of the trained task.
         """
         info = self._require_open("end_task()")
         task = info.name
@@ -463,9 +465,17 @@ class HalrpModel(nn.Module):
         if data is not None and wants_signature:
             kind = self._signature_kind()
             assert kind is not None
-            info.signature = compute_signature(
-                self, task, data, kind, max_calibration_batches, self.config.signature_rank
-            )
+            try:
+                info.signature = compute_signature(
+                    self, task, data, kind, max_calibration_batches, self.config.signature_rank
+                )
+            except (ValueError, TypeError) as err:  # the trained task is kept whatever happens
+                warnings.warn(
+                    f"task {task!r} ended without a task signature ({err}); it is finished and "
+                    "kept, and add_signature(name, data) can give it one later.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         for module in self._routed():
             if task in module.task_names():
                 module.freeze_task(task)

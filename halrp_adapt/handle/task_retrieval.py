@@ -85,11 +85,17 @@ def compute_signature(
     accumulator = SignatureAccumulator()
     was_training = handle.model.training
     handle.model.eval()
+    per_sample: bool | None = None  # decided on the first batch
     try:
         for batch in itertools.islice(data, max_batches):
             args, kwargs = batch_inputs(move_to(batch, device_of(handle)))
             x = head_features(handle, task if features == "task" else None, *args, **kwargs)
-            accumulator.update(x, batch_labels(batch))
+            labels = batch_labels(batch)
+            if per_sample is None:
+                # Labels that are not one per sample (a language model's token labels) are
+                # not classes of the task: it then gets one prototype.
+                per_sample = labels is not None and labels.numel() == x.shape[0]
+            accumulator.update(x, labels if per_sample else None)
     finally:
         handle.model.train(was_training)
     return accumulator.finish(features).compressed(rank)
