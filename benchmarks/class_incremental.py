@@ -409,12 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sequences", default=",".join(SEQUENCES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lrs", default="1e-4,1e-3,1e-2", help="seq_ft's sweep")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=0.05)
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--data", choices=["embedded", "full"], default="embedded")
-    parser.add_argument("--device", default="cpu")
+    Q.add_protocol_args(parser)  # study 8's epochs, batches, budget, image size, data, device
     parser.add_argument("--cost-batch", type=int, default=64)
     parser.add_argument("--cost-reps", type=int, default=15)
     parser.add_argument("--chosen-from", type=Path, default=RESULTS / "quality.json",

@@ -882,6 +882,17 @@ def merge_files(files: list[Path], methods: list[str]) -> dict[str, dict]:
     return sequences
 
 
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """The protocol's settings that `make_sequence` and the training read (shared with the
+    studies built on this one's sequences)."""
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--data", choices=["embedded", "full"], default="embedded")
+    parser.add_argument("--device", default="cpu")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI: tiny, every code path")
@@ -895,12 +906,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--ablation-labels", default=None,
                         help="comma-separated ABLATIONS labels to run (default: all)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=0.05)
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--data", choices=["embedded", "full"], default="embedded")
-    parser.add_argument("--device", default="cpu")
+    add_protocol_args(parser)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--parallel", type=int, default=0,
                         help="run the jobs in this many subprocesses (parts in --parts)")
