@@ -135,14 +135,10 @@ def scorer_for(handle: HalrpModel, device: torch.device) -> PrototypeScorer:
 
 def predict_tasks(handle: HalrpModel, *args: Any, **kwargs: Any) -> Tensor:
     """Each sample's task, as an index into `handle.tasks` (see `HalrpModel.predict_tasks`)."""
-    kinds = {info.signature.features for info in handle._tasks.values() if info.signature}
-    device = device_of(handle)
-    if kinds == {"task"}:
-        scorer = scorer_for(handle, device)
-        per_task = [head_features(handle, t, *args, **kwargs) for t in handle.tasks]
-        return scorer.predict_tasks(per_task)
-    scorer = scorer_for(handle, device)
-    return scorer.predict_tasks(head_features(handle, None, *args, **kwargs))
+    scorer = scorer_for(handle, device_of(handle))
+    if scorer.shared:
+        return scorer.predict_tasks(head_features(handle, None, *args, **kwargs))
+    return scorer.predict_tasks([head_features(handle, t, *args, **kwargs) for t in handle.tasks])
 
 
 def class_offsets(handle: HalrpModel) -> dict[str, tuple[int, int]]:
@@ -181,14 +177,10 @@ def forward_auto(
             f"task_ids='auto' gives class logits (batch, classes); this model's output is "
             f"{tuple(local.shape)}."
         )
-    total = sum(width for _, width in offsets.values())
-    result = local.new_full((*local.shape[:-1], total), fill_value)
-    starts = torch.tensor([o for o, _ in offsets.values()], device=local.device)
-    widths = torch.tensor([w for _, w in offsets.values()], device=local.device)
+    result = local.new_full((local.shape[0], sum(w for _, w in offsets.values())), fill_value)
     ids = ids.to(local.device)
-    column = torch.arange(local.shape[-1], device=local.device)
-    valid = column.unsqueeze(0) < widths[ids].unsqueeze(1)  # (batch, local width)
-    target = (starts[ids].unsqueeze(1) + column).clamp(max=total - 1)
-    rows = torch.arange(local.shape[0], device=local.device).unsqueeze(1).expand_as(target)
-    result[rows[valid], target[valid]] = local[valid]
+    for index in torch.unique(ids).tolist():
+        start, width = offsets[handle.tasks[index]]
+        rows = ids == index
+        result[rows, start : start + width] = local[rows, :width]
     return result

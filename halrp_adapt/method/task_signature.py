@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SIGNATURE_FEATURES = ("backbone", "task")
+from ..config import SIGNATURE_CHOICES
+
+SIGNATURE_FEATURES = tuple(c for c in SIGNATURE_CHOICES if c is not None)
 
 
 @dataclass(frozen=True)
