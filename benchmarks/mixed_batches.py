@@ -1,7 +1,10 @@
 """Mixed-task inference: `handle(x, task_ids=ids)` against looping over the tasks.
 
-A batch whose samples belong to T tasks, in eval mode, three ways, timed side by side:
-- grouped: `forward_tasks`, one forward per task present, on that task's samples;
+A batch whose samples belong to T tasks, in eval mode, four ways, timed side by side with one
+single-task forward of the whole batch (target: one pass at most 1.5x that):
+- one pass: `forward_tasks(strategy="one-pass")` (the eval-mode default), the whole batch
+  through the model once, each row with its own task's scales, bias, factors, norms and head;
+- grouped: `forward_tasks(strategy="grouped")`, one forward per task present, on its samples;
 - loop over tasks: the whole batch through each task, keeping that task's rows (T full forwards);
 - loop over samples: each sample alone through its task.
 All three give the same outputs (checked). Medians of repeats after warm-up; writes
@@ -57,8 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(args.batch, 3, size, size)
     ids = torch.randint(0, args.tasks, (args.batch,), generator=torch.Generator().manual_seed(1))
 
+    def one_pass():
+        return cl(x, task_ids=ids, strategy="one-pass")
+
     def grouped():
-        return cl(x, task_ids=ids)
+        return cl(x, task_ids=ids, strategy="grouped")
+
+    def single_task():
+        with cl.task(cl.tasks[0]):
+            return cl(x)
 
     def loop_over_tasks():
         out = torch.empty(args.batch, 10)
@@ -77,19 +87,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         reference = grouped()
+        one = one_pass()
+        gap = float((one - reference).abs().max())
+        torch.testing.assert_close(one, reference, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(loop_over_tasks(), reference, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(loop_over_samples(), reference, atol=1e-4, rtol=1e-4)
         seconds = {f.__name__: median_seconds(f, 1, args.repeats)
-                   for f in (grouped, loop_over_tasks, loop_over_samples)}
+                   for f in (single_task, one_pass, grouped, loop_over_tasks, loop_over_samples)}
     out = {"command": "python benchmarks/mixed_batches.py" + (" --quick" if args.quick else ""),
            "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
            "model": name, "image_size": size, "tasks": args.tasks, "batch": args.batch,
-           "seconds": seconds,
+           "seconds": seconds, "one_pass_max_abs_difference": gap,
+           "one_pass_over_single_task": seconds["one_pass"] / seconds["single_task"],
+           "grouped_over_single_task": seconds["grouped"] / seconds["single_task"],
+           "target_one_pass_over_single_task": 1.5,
            "loop_over_tasks_over_grouped": seconds["loop_over_tasks"] / seconds["grouped"],
            "loop_over_samples_over_grouped": seconds["loop_over_samples"] / seconds["grouped"]}
-    print(f"{name} {size} px, {args.tasks} tasks, batch {args.batch}: grouped "
-          f"{seconds['grouped'] * 1e3:.1f} ms; loop over tasks "
+    print(f"{name} {size} px, {args.tasks} tasks, batch {args.batch}: one pass "
+          f"{out['one_pass_over_single_task']:.2f}x one task's forward, grouped "
+          f"{out['grouped_over_single_task']:.2f}x; loop over tasks "
           f"{out['loop_over_tasks_over_grouped']:.2f}x; loop over samples "
           f"{out['loop_over_samples_over_grouped']:.2f}x")
     RESULTS.mkdir(exist_ok=True)

@@ -123,6 +123,9 @@ CASES = [
     Case("merge-unknown", lambda w: w.idle.merge("zzz"),
          ValueError, r"`name`: unknown task 'zzz'; known tasks"),
     # task retrieval
+    Case("mixed-strategy",
+         lambda w: w.idle.forward_tasks([0, 0], torch.randn(2, 3, 8, 8), strategy="fast"),
+         ValueError, r"`strategy` must be one of \['auto', 'one-pass', 'grouped'\], got 'fast'"),
     Case("predict-no-signature", lambda w: _one_task_unsigned().predict_tasks(DATA[0][0]),
          ValueError, r"tasks \['b'\] have no task signature.*; tasks with one: \['a'\]"),
     Case("predict-feature-width", lambda w: _scorer_of_width(5).predict_tasks(torch.randn(2, 7)),

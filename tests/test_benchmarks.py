@@ -63,8 +63,10 @@ def test_soak_quick():
 
 def test_mixed_batches_quick():
     out = _run("mixed_batches", "--quick")
-    assert set(out["seconds"]) == {"grouped", "loop_over_tasks", "loop_over_samples"}
-    assert out["loop_over_tasks_over_grouped"] > 0 and out["loop_over_samples_over_grouped"] > 0
+    assert set(out["seconds"]) == {"single_task", "one_pass", "grouped", "loop_over_tasks",
+                                   "loop_over_samples"}
+    assert out["one_pass_over_single_task"] > 0 and out["loop_over_samples_over_grouped"] > 0
+    assert out["one_pass_max_abs_difference"] < 1e-4
 
 
 def test_suggest_lora_quick():

@@ -30,14 +30,16 @@ def three_tasks(request):
     return cl.eval(), shape
 
 
-def test_mixed_batch_equals_each_task_alone(three_tasks):
+@pytest.mark.parametrize("strategy", ["grouped", "one-pass"])
+def test_mixed_batch_equals_each_task_alone(three_tasks, strategy):
     cl, shape = three_tasks
     x = torch.randn(11, *shape)
     ids = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1, 0, 2])
     active = cl.active_task
     with torch.no_grad():
-        mixed = cl(x, task_ids=ids)
+        mixed = cl(x, task_ids=ids, strategy=strategy)
     assert cl.active_task == active  # routing restored
+    assert all(m.row_routing is None for m in cl._routed())
     with torch.no_grad():
         assert mixed.shape == (11, 4)
         for index, name in enumerate(cl.tasks):
@@ -46,9 +48,57 @@ def test_mixed_batch_equals_each_task_alone(three_tasks):
                 alone = cl(x[rows])  # the same samples, this task alone
                 whole = cl(x)[rows]  # the whole batch through this task
             width = alone.shape[1]
-            assert torch.equal(mixed[rows, :width], alone)
+            if strategy == "grouped":  # the very same computation as the task alone
+                assert torch.equal(mixed[rows, :width], alone)
             torch.testing.assert_close(mixed[rows, :width], whole, atol=1e-5, rtol=1e-5)
             assert torch.isinf(mixed[rows, width:]).all()
+
+
+def test_auto_is_one_pass_in_eval_and_grouped_in_train(three_tasks, monkeypatch):
+    from halrp_adapt.handle import mixed
+
+    cl, shape = three_tasks
+    x, ids = torch.randn(6, *shape), torch.tensor([0, 1, 2, 0, 1, 2])
+    used = []
+    for way in ("_one_pass", "_grouped"):
+        original = getattr(mixed, way)
+        monkeypatch.setattr(mixed, way, lambda *a, _f=original, _w=way, **k: (used.append(_w),
+                                                                                  _f(*a, **k))[1])
+    with torch.no_grad():
+        cl(x, task_ids=ids)
+        assert used == ["_one_pass"]
+        cl.train()
+        cl(x, task_ids=ids)
+        assert used == ["_one_pass", "_grouped"]
+    cl.eval()
+
+
+class _FoldsBatch(torch.nn.Module):
+    """Runs its linear layer on (batch * 2, features): rows no longer map to samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x.reshape(-1, 4)).reshape(x.shape[0], 2, 8).mean(1)
+        return self.fc(h)
+
+
+def test_a_model_that_reshapes_the_batch_falls_back_to_grouped():
+    torch.manual_seed(0)
+    cl = halrp_adapt.attach(_FoldsBatch(), budget=0.9)
+    for i, name in enumerate(("a", "b")):
+        learn_task(cl, name, batches(n=1, shape=(2, 4), classes=3, seed=i), num_classes=3)
+    cl.eval()
+    x, ids = torch.randn(5, 2, 4), torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        auto = cl(x, task_ids=ids)
+        assert torch.equal(auto, cl(x, task_ids=ids, strategy="grouped"))
+        with pytest.raises(ValueError, match="strategy='one-pass'` cannot run this model"):
+            cl(x, task_ids=ids, strategy="one-pass")
+    assert all(m.row_routing is None for m in cl._routed())  # cleared after the failure
 
 
 def test_task_names_and_a_single_task(three_tasks):

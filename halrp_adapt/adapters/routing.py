@@ -8,10 +8,11 @@ adapter layers (one adapter = one task): they find the per-task containers struc
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
+from torch import Tensor, nn
 
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 NOT_ADDITIVE = (
@@ -29,6 +30,60 @@ def check_task_name(name: object) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class RowRouting:
+    """One forward of a batch whose rows belong to different tasks (`forward_tasks`).
+
+    `index[i]` is the position in `tasks` of row i's task; `rows[j]` lists the rows of
+    `tasks[j]`; heads of different widths pad their rows with `fill_value`.
+    """
+
+    tasks: list[str]
+    index: Tensor
+    rows: list[Tensor]
+    fill_value: float = float("-inf")
+
+    @property
+    def batch(self) -> int:
+        return self.index.numel()
+
+    def check(self, x: Tensor, where: str) -> None:
+        """Raise `RowRoutingUnsupported` unless `x`'s first dimension is the batch's rows."""
+        if x.dim() == 0 or x.shape[0] != self.batch:
+            raise RowRoutingUnsupported(
+                f"{where} got an input of shape {tuple(x.shape)}, whose first dimension is "
+                f"not the batch of {self.batch} rows"
+            )
+
+
+class RowRoutingUnsupported(RuntimeError):
+    """A layer cannot tell which task each row of its input belongs to (the model reshapes
+    the batch dimension, e.g. windowed attention): the mixed batch must run task by task."""
+
+
+def per_task_rows(
+    routing: RowRouting, x: Tensor, fn: Callable[[str, Tensor], Tensor], pad_last: bool = False
+) -> Tensor:
+    """Run `fn(task, rows of x)` for each task present and put the results back in row order;
+    with `pad_last`, shorter last dimensions are padded with `routing.fill_value`."""
+    pieces = [
+        (rows, fn(task, x.index_select(0, rows)))
+        for task, rows in zip(routing.tasks, routing.rows, strict=True)
+    ]
+    for _, piece in pieces:
+        if not isinstance(piece, Tensor):
+            raise RowRoutingUnsupported(f"a per-task module returned a {type(piece).__name__}")
+    first = pieces[0][1]
+    width = max(piece.shape[-1] for _, piece in pieces) if pad_last else first.shape[-1]
+    out = first.new_full((routing.batch, *first.shape[1:-1], width), routing.fill_value)
+    for rows, piece in pieces:
+        if piece.shape[-1] == width:
+            out.index_copy_(0, rows, piece)
+        else:
+            out[rows, ..., : piece.shape[-1]] = piece
+    return out
+
+
 class TaskRouted(nn.Module, BaseTunerLayer):
     """A module that holds per-task state and routes its forward through the active task.
 
@@ -40,6 +95,8 @@ class TaskRouted(nn.Module, BaseTunerLayer):
     def __init__(self) -> None:
         nn.Module.__init__(self)
         self.active_task: str | None = None
+        # Set only for the duration of one mixed-batch forward (`forward_tasks`).
+        self.row_routing: RowRouting | None = None
         self.frozen_tasks: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []

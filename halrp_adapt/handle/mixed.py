@@ -1,23 +1,33 @@
 """Batches that mix tasks: each sample runs through its own task's adapters and head.
 
-The samples of each task are gathered into one sub-batch and run through that task in one
-forward, and the outputs are scattered back to their rows: one forward per task present in the
-batch, never one per sample. Outputs are per sample, so the result equals running each task
-alone on its samples (in eval mode; in train mode batch statistics are per task group).
+Two ways, with equal outputs (to float rounding):
+- one pass (the default in eval mode): the whole batch runs through the model once. Every
+  adapted layer applies the shared base weight to all rows, `r[row] * (W0 (s[row] * x))`, with
+  each row's own scales and bias gathered from the tasks present, then each task's low-rank
+  part on its own rows; norms and heads run per task on their rows.
+- grouped: the samples of each task are gathered into one sub-batch and run through that task
+  in one forward, and the outputs scattered back to their rows: one forward per task present.
+  Each row's output is then bit-identical to running its task alone on its samples. Train mode
+  uses it (batch statistics are per task group), and so does a model that reshapes its batch
+  dimension (windowed attention), where a layer cannot tell the rows apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
+from ..adapters.routing import RowRouting, RowRoutingUnsupported
+
 if TYPE_CHECKING:
     from .model import HalrpModel
 
 TaskIds = Tensor | Sequence[int] | Sequence[str]
+STRATEGIES = ("auto", "one-pass", "grouped")
 
 
 def forward_tasks(
@@ -25,13 +35,16 @@ def forward_tasks(
     task_ids: TaskIds,
     *args: Any,
     fill_value: float = float("-inf"),
+    strategy: str = "auto",
     **kwargs: Any,
 ) -> Tensor:
     """Run each sample of the batch through its own task; return the stacked outputs (logits).
 
     `task_ids` holds one entry per sample: an index into `handle.tasks` or a task name. When
     tasks have heads of different sizes, shorter rows are padded with `fill_value` (-inf, so
-    that argmax and softmax ignore the padding).
+    that argmax and softmax ignore the padding). `strategy` (see the module docstring):
+    "one-pass", "grouped", or "auto": one pass in eval mode where the model allows it,
+    grouped otherwise.
 
     Example:
         >>> import torch, halrp_adapt
@@ -44,8 +57,59 @@ def forward_tasks(
         >>> out.shape, bool(torch.isinf(out[0, 2]))
         (torch.Size([3, 3]), True)
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}, got {strategy!r}.")
     batch = _batch_size(args, kwargs)
     ids = _task_indices(handle, task_ids, batch)
+    one_task = ids.numel() > 0 and bool((ids == ids[0]).all())  # then a plain task forward
+    if not one_task and (
+        strategy == "one-pass" or (strategy == "auto" and not handle.model.training)
+    ):
+        try:
+            return _one_pass(handle, ids, args, kwargs, fill_value)
+        except RowRoutingUnsupported as error:
+            if strategy == "one-pass":
+                raise ValueError(
+                    f"`strategy='one-pass'` cannot run this model: {error}; use "
+                    "strategy='grouped' (or 'auto')."
+                ) from error
+    return _grouped(handle, ids, args, kwargs, fill_value)
+
+
+def _one_pass(
+    handle: HalrpModel, ids: Tensor, args: tuple, kwargs: dict, fill_value: float
+) -> Tensor:
+    device = _input_device(args, kwargs)
+    present = torch.unique(ids).tolist()
+    position = torch.full((len(handle.tasks),), -1, dtype=torch.long)
+    position[present] = torch.arange(len(present))
+    routing = RowRouting(
+        tasks=[handle.tasks[i] for i in present],
+        index=position[ids].to(device),
+        rows=[torch.nonzero(ids == i).squeeze(1).to(device) for i in present],
+        fill_value=fill_value,
+    )
+    with _routed_by_rows(handle, routing):
+        out = handle.model(*args, **kwargs)
+    return cast(Tensor, getattr(out, "logits", out))
+
+
+@contextlib.contextmanager
+def _routed_by_rows(handle: HalrpModel, routing: RowRouting) -> Iterator[None]:
+    modules = list(handle._routed())
+    for module in modules:
+        module.row_routing = routing
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.row_routing = None
+
+
+def _grouped(
+    handle: HalrpModel, ids: Tensor, args: tuple, kwargs: dict, fill_value: float
+) -> Tensor:
+    batch = ids.numel()
     pieces = []
     for index in torch.unique(ids).tolist():
         rows = torch.nonzero(ids == index).squeeze(1)
@@ -95,6 +159,13 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("forward_tasks needs at least one batched tensor input.")
+
+
+def _input_device(args: tuple, kwargs: dict) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def _take(value: Any, rows: Tensor, batch: int) -> Any:

@@ -695,11 +695,18 @@ class HalrpModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def forward_tasks(
-        self, task_ids: Any, *args: Any, fill_value: float = float("-inf"), **kwargs: Any
+        self,
+        task_ids: Any,
+        *args: Any,
+        fill_value: float = float("-inf"),
+        strategy: str = "auto",
+        **kwargs: Any,
     ) -> Tensor:
-        """Each sample through its own task in one forward per task present; see
-        `halrp_adapt.handle.mixed.forward_tasks`."""
-        return forward_tasks(self, task_ids, *args, fill_value=fill_value, **kwargs)
+        """Each sample through its own task: in one pass of the whole batch (eval mode), or one
+        forward per task present; see `halrp_adapt.handle.mixed.forward_tasks`."""
+        return forward_tasks(
+            self, task_ids, *args, fill_value=fill_value, strategy=strategy, **kwargs
+        )
 
     # ---- internals ---------------------------------------------------------------------------
     def _make_trainable(self, task: str) -> None:

@@ -18,7 +18,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
 from ...method.sparse import compact, expand, worth_compacting
-from ..routing import TaskRouted
+from ..routing import RowRouting, TaskRouted
 
 
 def _own(t: Tensor, like: Tensor) -> nn.Parameter:
@@ -113,6 +113,11 @@ class HalrpLayer(TaskRouted):
     def channel_view(self, v: Tensor) -> Tensor:
         """View a per-output-channel vector so it broadcasts over this layer's output."""
         return v
+
+    def row_view(self, v: Tensor, ndim: int) -> Tensor:
+        """View per-row channel vectors (rows, channels) so they broadcast over an input or
+        output of `ndim` dimensions (channels last here)."""
+        return v.view(v.shape[0], *[1] * (ndim - 2), v.shape[1])
 
     # ---- per-task state ----------------------------------------------------------------------
     def add_task(self, task: str, scales: bool = True) -> None:
@@ -234,10 +239,48 @@ class HalrpLayer(TaskRouted):
 
     # ---- forward and merge -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.row_routing is not None:
+            return self.rows_forward(x, self.row_routing)
         task = self.routed_task
         if task is None:
             return self.base_layer(x)
         return self.task_forward(x, task)
+
+    def rows_forward(self, x: Tensor, routing: RowRouting) -> Tensor:
+        """Each row of `x` through its own task, in one pass of the shared base weight:
+        `r[row] * (W0 (s[row] * x)) + bias[row]`, then each task's `B A` on its rows only."""
+        routing.check(x, type(self).__name__)
+        tasks = routing.tasks
+        if any(t in self.halrp_s for t in tasks):
+            s = torch.stack([self._scale_or_ones(self.halrp_s, t, self.in_features) for t in tasks])
+            x_scaled = x * self.row_view(s[routing.index], x.dim())
+        else:
+            x_scaled = x
+        y = self.scaled_forward(x_scaled, None, None)
+        if any(t in self.halrp_r for t in tasks):
+            r = torch.stack(
+                [self._scale_or_ones(self.halrp_r, t, self.out_features) for t in tasks]
+            )
+            y = y * self.row_view(r[routing.index], y.dim())
+        if any(t in self.halrp_bias for t in tasks):
+            bias = torch.stack(
+                [
+                    self.halrp_bias[t]
+                    if t in self.halrp_bias
+                    else self.weight.new_zeros(self.out_features)
+                    for t in tasks
+                ]
+            )
+            y = y + self.row_view(bias[routing.index], y.dim())
+        for task, rows in zip(tasks, routing.rows, strict=True):
+            if self.rank(task):
+                A, B = self.factor(task, "A"), self.factor(task, "B")
+                assert A is not None and B is not None  # a task with a rank holds both factors
+                y = y.index_add(0, rows, self.low_rank_forward(x.index_select(0, rows), A, B))
+        return y
+
+    def _scale_or_ones(self, scales: nn.ParameterDict, task: str, size: int) -> Tensor:
+        return scales[task] if task in scales else self.weight.new_ones(size)
 
     def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The base layer's operation with another weight (in the base layout) and bias."""

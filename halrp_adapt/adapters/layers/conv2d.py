@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..routing import RowRouting
 from .base import HalrpLayer
 
 
@@ -70,6 +71,13 @@ class HalrpConv2d(HalrpLayer):
 
     def channel_view(self, v: Tensor) -> Tensor:
         return v.view(-1, 1, 1)
+
+    def row_view(self, v: Tensor, ndim: int) -> Tensor:
+        return v.view(*v.shape, 1, 1)
+
+    def rows_forward(self, x: Tensor, routing: RowRouting) -> Tensor:
+        pad = _padder(self.base_layer)
+        return super().rows_forward(x if pad is None else pad(self.base_layer, x), routing)
 
     def task_forward(self, x: Tensor, task: str) -> Tensor:
         pad = _padder(self.base_layer)
