@@ -36,6 +36,11 @@ CASES = [
      (2, 4, 6, 6)),
     ("conv-depthwise", lambda: HalrpConv2d(nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6)),
      (2, 6, 7, 7)),
+    ("conv-depthwise-multiplier",
+     lambda: HalrpConv2d(nn.Conv2d(3, 6, 3, padding=1, groups=3)), (2, 3, 6, 6)),
+    ("conv-1x1", lambda: HalrpConv2d(nn.Conv2d(4, 6, 1)), (2, 4, 5, 5)),
+    ("conv-1x1-s2", lambda: HalrpConv2d(nn.Conv2d(4, 6, 1, stride=2, bias=False)), (2, 4, 7, 7)),
+    ("conv-1x1-p1", lambda: HalrpConv2d(nn.Conv2d(4, 6, 1, padding=1)), (2, 4, 5, 5)),
     ("conv1d-gpt2", lambda: HalrpConv1D(Conv1D(7, 12)), (3, 5, 12)),
 ]
 

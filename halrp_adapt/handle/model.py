@@ -396,19 +396,24 @@ class HalrpModel(nn.Module):
         """
         info = self._require_open("regularization_loss()")
         task, cfg = info.name, self.config
-        l1 = wd = None
+        squared: list[Tensor] = []  # the L2 terms
+        absolute: list[Tensor] = []  # the L1 terms
         for layer in self.adapter_layers().values():
             if info.trains_base:
-                wd = _add(wd, layer.weight.pow(2).sum())
+                squared.append(layer.weight)
                 continue
             for d in (layer.halrp_r, layer.halrp_s, layer.halrp_A, layer.halrp_B):
                 if task in d:
-                    wd = _add(wd, d[task].pow(2).sum())
+                    squared.append(d[task])
             for d in (layer.halrp_A, layer.halrp_B):
                 if task in d:
-                    l1 = _add(l1, d[task].abs().sum())
+                    absolute.append(d[task])
+        # One flat vector per term: a few large ops instead of several per parameter, which
+        # on a network with a hundred adapted layers would cost more than the sums themselves.
         zero = torch.zeros((), device=next(self.parameters()).device)
-        return cfg.l1 * (zero if l1 is None else l1) + cfg.wd * (zero if wd is None else wd) / 2
+        wd = _flat(squared).pow(2).sum() if squared else zero
+        l1 = _flat(absolute).abs().sum() if absolute else zero
+        return cfg.l1 * l1 + cfg.wd * wd / 2
 
     def end_task(
         self,
@@ -779,12 +784,8 @@ class HalrpModel(nn.Module):
             )
 
 
-def _add(total: Tensor | None, value: Tensor) -> Tensor:
-    # Under FSDP2 the parameters are sharded DTensors outside forward: reduce each term to a
-    # plain scalar (differentiably) so it adds to the loss.
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return value if total is None else total + value
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -29,9 +29,13 @@ class HalrpConv1D(HalrpLayer):
         y = torch.matmul(x, weight)
         return y if bias is None else y + bias
 
-    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
+    def scaled_forward(
+        self, x: Tensor, r: Tensor | None, s: Tensor | None, bias: Tensor | None = None
+    ) -> Tensor:
         y = torch.matmul(x if s is None else x * s, self.weight)
-        return y if r is None else y * r
+        if r is None:
+            return y if bias is None else y + bias
+        return y * r if bias is None else torch.addcmul(bias, y, r)
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return torch.matmul(torch.matmul(x, A.t()), B.t())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +43,10 @@ class HalrpConv2d(HalrpLayer):
     """`y = conv(x * s, W0) * r + bias + window_sum(x A^T) B^T` for the active task."""
 
     base_layer: nn.Conv2d
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.pad = _padder(base_layer)  # looked up once: every forward asks
 
     @classmethod
     def handles_forward_of(cls, module: nn.Module) -> bool:
@@ -76,35 +81,53 @@ class HalrpConv2d(HalrpLayer):
         return v.view(*v.shape, 1, 1)
 
     def rows_forward(self, x: Tensor, routing: RowRouting) -> Tensor:
-        pad = _padder(self.base_layer)
+        pad = self.pad
         return super().rows_forward(x if pad is None else pad(self.base_layer, x), routing)
 
     def task_forward(self, x: Tensor, task: str) -> Tensor:
-        pad = _padder(self.base_layer)
+        pad = self.pad
         return super().task_forward(x if pad is None else pad(self.base_layer, x), task)
 
     def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = self.base_layer
-        if _padder(conv) is not None:  # x is already padded
+        if self.pad is not None:  # x is already padded
             return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
         return conv._conv_forward(x, weight, bias)
 
-    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
+    def scaled_forward(
+        self, x: Tensor, r: Tensor | None, s: Tensor | None, bias: Tensor | None = None
+    ) -> Tensor:
         # Scaling input channels commutes with zero, reflect, replicate and circular padding.
         conv = self.base_layer
+        if s is not None and self.weight.shape[1] == 1:
+            # One input channel per output (depthwise): conv(x * s) = conv(x) * s[its input],
+            # so s joins r on the output and the scaled input is never made (or kept).
+            per_output = s.repeat_interleave(self.out_features // self.groups)
+            r, s = (per_output if r is None else r * per_output), None
         h = x if s is None else x * s.view(-1, 1, 1)
-        if _padder(conv) is not None:  # x is already padded
-            y = F.conv2d(h, self.weight, None, conv.stride, 0, conv.dilation, conv.groups)
+        fused = bias if r is None else None
+        if self.pad is not None:  # x is already padded
+            y = F.conv2d(h, self.weight, fused, conv.stride, 0, conv.dilation, conv.groups)
         else:
-            y = conv._conv_forward(h, self.weight, None)
-        return y if r is None else y * r.view(-1, 1, 1)
+            y = conv._conv_forward(h, self.weight, fused)
+        if r is None:
+            return y
+        if bias is None:
+            return y * r.view(-1, 1, 1)
+        return torch.addcmul(bias.view(-1, 1, 1), y, r.view(-1, 1, 1))
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         conv = self.base_layer
         k = A.shape[0]
         z = F.conv2d(x, A[:, :, None, None])
+        if conv.kernel_size == (1, 1) and (
+            isinstance(conv.padding, str) or not any(conv.padding) or self.pad is not None
+        ):  # a one-pixel window with no padding: the window sum is the identity, strided
+            if conv.stride != (1, 1):
+                z = z[:, :, :: conv.stride[0], :: conv.stride[1]]
+            return F.conv2d(z, B[:, :, None, None])
         ones = z.new_ones(k, 1, *conv.kernel_size)
-        if _padder(conv) is not None:  # x is already padded
+        if self.pad is not None:  # x is already padded
             z = F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
         elif conv.padding_mode != "zeros":
             z = F.pad(z, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,9 +37,14 @@ class HalrpLinear(HalrpLayer):
     def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def scaled_forward(self, x: Tensor, r: Tensor | None, s: Tensor | None) -> Tensor:
-        y = F.linear(x if s is None else x * s, self.weight)
-        return y if r is None else y * r
+    def scaled_forward(
+        self, x: Tensor, r: Tensor | None, s: Tensor | None, bias: Tensor | None = None
+    ) -> Tensor:
+        h = x if s is None else x * s
+        if r is None:
+            return F.linear(h, self.weight, bias)
+        y = F.linear(h, self.weight)
+        return y * r if bias is None else torch.addcmul(bias, y, r)
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return F.linear(F.linear(x, A), B)
