@@ -317,6 +317,10 @@ ABLATIONS: dict[str, Variant] = {
     # How the budget is split: what the scales no longer take goes to the factors.
     "no scales": Variant(options={"scale_modules": []}),
     "scales only on layers without factors": Variant(options={"scale_modules": "grouped"}),
+    # Rank estimation as the reference does it (and this project did up to 0.x): a separate
+    # Fisher pass at the trial's final weights and full SVDs of every residual.
+    "reference estimation (Fisher pass, full SVD)": Variant(options={"fisher": "pass",
+                                                                      "svd": "full"}),
 }
 
 
@@ -362,7 +366,7 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
     if seq.first_trains_backbone:
         options["train_base"] = True
     cl = halrp_adapt.attach(model, **options)
-    test, val, params = [], [], []
+    test, val, params, ranks, estimate_s = [], [], [], [], []
     for t, task in enumerate(tasks):
         cl.add_task(task.name, num_classes=task.num_classes)
         trains_base = seq.first_trains_backbone and t == 0
@@ -374,6 +378,9 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
                     for name, p in cl.named_parameters():
                         if p.requires_grad and "halrp_B" in name:
                             p.zero_()
+            estimate = cl._tasks[task.name].estimate
+            ranks.append(dict(estimate.explained_ranks))
+            estimate_s.append(sum(v for k, v in estimate.seconds.items() if k != "trial"))
         fit(cl, _groups(cl, lr, variant), task.train, args.epochs, device,
             extra_loss=cl.regularization_loss)
         stats = cl.end_task(calibration_data=[_on(b, device) for b in task.train])
@@ -386,7 +393,8 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
         test.append([r[0] for r in rows])
         val.append([r[1] for r in rows])
     return {"test": test, "val": val, "params_per_task": params,
-            "targets": list(cl.adapter_layers())}
+            "targets": list(cl.adapter_layers()), "explained_ranks": ranks,
+            "estimate_s_without_trial": estimate_s}
 
 
 def _trained_first(seq: Sequence, tasks: list[Task], lr: float, seed: int, args):
@@ -621,7 +629,10 @@ def run_job(name: str, job: str, args, chosen: dict[str, float] | None) -> dict:
             out[label] = {value: {"acc": average_accuracy(result["test"]),
                                   "params_per_task": sum(result["params_per_task"])
                                   / len(result["params_per_task"]),
-                                  "wall_s": time.perf_counter() - start}}
+                                  "wall_s": time.perf_counter() - start,
+                                  "explained_ranks": result["explained_ranks"],
+                                  "estimate_s_without_trial":
+                                      result["estimate_s_without_trial"]}}
             print(f"  ablation {label:<26} seed {seed} ACC {out[label][value]['acc']:6.2f}",
                   flush=True)
         return {"ablations": out}

@@ -123,36 +123,56 @@ def study_steps(name: str, size: int, batch: int, rank: int, warmup: int, repeat
 
 
 def study_estimation(name: str, size: int, batch: int, batches: int) -> dict:
-    """The Fisher runs on a validation split of 20% of the trial's size, as in the reference's
-    protocol (valid_size 0.2, importance computed on the validation loader)."""
+    """Rank estimation two ways on the same data and weights: the reference's (a separate
+    Fisher pass on a validation split of 20% of the trial's size, full SVDs) and the default
+    (the Fisher read off the trial's last 20% of steps, SVDs truncated to the rank cap where
+    that cannot change the choice). The cost of each is everything but the trial, plus any
+    time the trial itself spends gathering, over the reference's trial."""
     torch.manual_seed(0)
     data = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
             for _ in range(batches)]
     validation = data[:max(1, batches // 5)]
-    out = {"model": name, "image_size": size, "trial_batches": batches}
-    for svd in ("auto", "randomized"):
+    out: dict = {"model": name, "image_size": size, "trial_batches": batches}
+    ranks = {}
+    for way, options, fisher_data in (("reference", dict(fisher="pass", svd="full"), validation),
+                                      ("default", dict(fisher="trial", svd="auto"), None)):
         torch.manual_seed(0)
         cl = halrp_adapt.attach(timm.create_model(name, pretrained=False, img_size=size,
-                                                  num_classes=10), budget=0.05, svd=svd)
+                                                  num_classes=10), budget=0.05, **options)
         cl.add_task("t", num_classes=10)
-        cl.estimate_ranks(data, fisher_data=validation, epochs=1)
-        seconds = cl._tasks["t"].estimate.seconds
-        without_trial = seconds["fisher"] + seconds["decompose"] + seconds["allocate"]
-        key = "" if svd == "auto" else "_randomized_svd"
-        out.update({"backbone_params": cl.backbone_params, f"seconds{key}": seconds,
-                    f"estimation_over_trial{key}": without_trial / seconds["trial"]})
+        torch.manual_seed(1)
+        cl.estimate_ranks(data, fisher_data=fisher_data, epochs=1)
+        estimate = cl._tasks["t"].estimate
+        ranks[way] = estimate.explained_ranks
+        out.update({"backbone_params": cl.backbone_params, f"seconds_{way}": estimate.seconds})
+    ref, new = out["seconds_reference"], out["seconds_default"]
+    for way, sec in (("reference", ref), ("default", new)):
+        extra = max(0.0, sec["trial"] - ref["trial"])  # time the trial spent gathering
+        out[f"estimation_over_trial_{way}"] = (
+            extra + sec["fisher"] + sec["decompose"] + sec["allocate"]) / ref["trial"]
+    same = [ranks["reference"][n] == ranks["default"][n] for n in ranks["reference"]]
+    out["explained_ranks"] = ranks
+    out["rank_agreement"] = sum(same) / len(same)
+    out["rank_total"] = {way: sum(r.values()) for way, r in ranks.items()}
     return out
 
 
-def study_svd(side: int, rank_cap: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    d = torch.randn(side, 64) @ torch.randn(64, side) + 0.01 * torch.randn(side, side)
-    full = median_seconds(lambda: decompose(d, "full"), 0, repeats)
-    fast = median_seconds(lambda: decompose(d, "randomized", rank_cap=rank_cap), 0, repeats)
-    exact, approx = decompose(d, "full"), decompose(d, "randomized", rank_cap=rank_cap)
-    error = float((approx.S[:rank_cap] - exact.S[:rank_cap]).abs().max() / exact.S[0])
-    return {"side": side, "rank_cap": rank_cap, "full_s": full, "randomized_s": fast,
-            "speedup": full / fast, "max_relative_sigma_error": error}
+def study_svd(shapes: list[tuple[int, int]], rank_cap: int, repeats: int) -> list[dict]:
+    """One residual-like matrix per shape (a decaying part plus a flat tail), full SVD against
+    the truncated randomized one that estimation uses for wide layers."""
+    rows = []
+    for m, n in shapes:
+        torch.manual_seed(0)
+        d = 0.01 * torch.randn(m, 64) @ torch.randn(64, n) + 0.003 * torch.randn(m, n)
+        full = median_seconds(lambda: decompose(d, "full"), 0, repeats)
+        fast = median_seconds(lambda: decompose(d, "randomized", rank_cap=rank_cap), 0, repeats)
+        exact, approx = decompose(d, "full"), decompose(d, "randomized", rank_cap=rank_cap)
+        k = min(rank_cap, len(approx.S))
+        error = float((approx.S[:k] - exact.S[:k]).abs().max() / exact.S[0])
+        rows.append({"shape": [m, n], "rank_cap": rank_cap, "full_s": full,
+                     "randomized_s": fast, "speedup": full / fast,
+                     "max_relative_sigma_error": error})
+    return rows
 
 
 PEAK_SCRIPT = """
@@ -206,16 +226,19 @@ def main(argv: list[str] | None = None) -> dict:
     estimation = [("vit_tiny_patch16_224", 32, 4, 2)] if q else \
         [(f"vit_{s}_patch16_224", 64, 16, 40) for s in ("tiny", "small", "base")]
     out["estimation"] = [study_estimation(*e) for e in estimation]
-    out["svd"] = study_svd(256 if q else 4096, 100, 1 if q else 3)
+    shapes = [(256, 256)] if q else [(384, 1152), (768, 3072), (1024, 4096), (2048, 2048),
+                                      (4096, 4096)]
+    out["svd"] = study_svd(shapes, 100 if not q else 20, 1 if q else 3)
     out["peak_memory"] = [study_peak_memory(configs[-1][0], *configs[-1][1:], args.threads)]
     targets = {
-        "train_step_at_most_1.15x": all(s["train_ratio"] <= 1.15 for s in out["steps"]),
+        "train_step_at_most_1.10x": all(s["train_ratio"] <= 1.10 for s in out["steps"]),
         "merged_inference_about_1.00x": all(abs(s["merged_vs_plain"] - 1) <= 0.05
                                             for s in out["steps"]),
         "unmerged_inference_at_most_1.10x": all(s["unmerged_halrp_vs_lora"] <= 1.10
                                                 for s in out["steps"]),
-        "estimation_at_most_0.25x_trial": all(e["estimation_over_trial"] <= 0.25
-                                              for e in out["estimation"]),
+        "estimation_at_most_0.20x_trial_vit_s_b": all(
+            e["estimation_over_trial_default"] <= 0.20 for e in out["estimation"]
+            if "tiny" not in e["model"]),
         "peak_rss_at_most_1.10x": all(m["ratio"] <= 1.10 for m in out["peak_memory"])}
     out["targets"] = targets
     for s in out["steps"]:
@@ -223,15 +246,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s['merged_vs_plain']:.3f}   unmerged HALRP/LoRA {s['unmerged_halrp_vs_lora']:.3f}"
               f"   (HALRP step {s['train_step_s']['halrp'] * 1e3:.0f} ms)")
     for e in out["estimation"]:
-        sec = e["seconds"]
-        print(f"{e['model']:<24} estimation/trial {e['estimation_over_trial']:.3f} (randomized "
-              f"SVD {e['estimation_over_trial_randomized_svd']:.3f})   fisher "
-              f"{sec['fisher']:.2f}s decompose {sec['decompose']:.2f}s (randomized "
-              f"{e['seconds_randomized_svd']['decompose']:.2f}s) trial {sec['trial']:.2f}s")
-    svd = out["svd"]
-    print(f"{svd['side']}x{svd['side']} SVD: full {svd['full_s']:.2f}s, randomized "
-          f"{svd['randomized_s']:.2f}s ({svd['speedup']:.1f}x), max sigma error "
-          f"{svd['max_relative_sigma_error']:.1e}")
+        print(f"{e['model']:<24} estimation/trial: reference "
+              f"{e['estimation_over_trial_reference']:.3f}, default "
+              f"{e['estimation_over_trial_default']:.3f}; explained ranks equal in "
+              f"{100 * e['rank_agreement']:.0f}% of layers (totals {e['rank_total']})")
+    for row in out["svd"]:
+        print(f"{row['shape']} SVD: full {row['full_s']:.3f}s, randomized "
+              f"{row['randomized_s']:.3f}s ({row['speedup']:.1f}x), max sigma error "
+              f"{row['max_relative_sigma_error']:.1e}")
     for m in out["peak_memory"]:
         print(f"{m['model']:<24} peak RSS HALRP/LoRA {m['ratio']:.3f} ({m['peak_rss_mb']})")
     print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))

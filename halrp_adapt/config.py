@@ -15,6 +15,7 @@ from typing import Any
 from peft import PeftConfig
 
 SVD_METHODS = ("auto", "full", "randomized")
+FISHER_METHODS = ("trial", "pass")
 SIGNATURE_CHOICES = ("backbone", "task", None)
 FORMAT_VERSION = 1
 
@@ -106,17 +107,28 @@ class HalrpConfig(PeftConfig):
             "(trial.TRIAL_LRS; the paper's 1e-3 for a backbone trained by the first task)."
         },
     )
+    fisher: str = field(
+        default="trial",
+        metadata={
+            "help": "Where rank estimation's empirical Fisher comes from: 'trial' (the "
+            "trial's own gradients over its last 20% of steps, no extra pass) or 'pass' (the "
+            "reference's separate pass over `fisher_data` at the trial's final weights)."
+        },
+    )
     svd: str = field(
         default="auto",
         metadata={
             "help": "SVD of the residuals: 'full' (torch.linalg.svd), 'randomized' "
-            "(torch.svd_lowrank), or 'auto' (randomized from `randomized_min_dim`)."
+            "(torch.svd_lowrank, the leading upper_rank + 10 triplets), or 'auto': "
+            "randomized for layers at least `randomized_min_dim` wide whose `upper_rank` "
+            "+ 10 is at most half their width, with the whole spectrum computed for any "
+            "layer whose truncation could change the explained-share choice."
         },
     )
     randomized_min_dim: int = field(
-        default=2048,
+        default=256,
         metadata={
-            "help": "With svd='auto', layers whose smaller side is at least this use the "
+            "help": "With svd='auto', layers whose smaller side is at least this may use the "
             "randomized SVD."
         },
     )
@@ -200,6 +212,8 @@ class HalrpConfig(PeftConfig):
             )
         if self.signature_rank is not None:
             _check_int("signature_rank", self.signature_rank, minimum=1)
+        if self.fisher not in FISHER_METHODS:
+            raise ValueError(f"`fisher` must be one of {FISHER_METHODS}, got {self.fisher!r}.")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"`svd` must be one of {SVD_METHODS}, got {self.svd!r}.")
         for name in ("target_modules", "exclude_modules", "scale_modules"):

@@ -165,6 +165,8 @@ CASES = [
          TypeError, r"`target_modules` must be None, a regex string or a list"),
     Case("config-svd", lambda w: HalrpConfig(svd="eig"),
          ValueError, r"`svd` must be one of \('auto', 'full', 'randomized'\)"),
+    Case("config-fisher", lambda w: HalrpConfig(fisher="exact"),
+         ValueError, r"`fisher` must be one of \('trial', 'pass'\), got 'exact'"),
     Case("config-format-version", lambda w: HalrpConfig(format_version=99),
          ValueError, r"`format_version` 99 .*supported"),
     # the recipes' arguments (argparse exits with status 2 and one line on stderr)

@@ -49,7 +49,12 @@ def test_speed_quick():
     assert {"steps", "estimation", "svd", "peak_memory", "targets"} <= set(out)
     step = out["steps"][0]
     assert {"train_ratio", "merged_vs_plain", "unmerged_halrp_vs_lora"} <= set(step)
-    assert set(out["estimation"][0]["seconds"]) == {"trial", "fisher", "decompose", "allocate"}
+    estimation = out["estimation"][0]
+    for way in ("reference", "default"):
+        assert set(estimation[f"seconds_{way}"]) == {"trial", "fisher", "decompose", "allocate"}
+    assert estimation["seconds_default"]["fisher"] < estimation["seconds_reference"]["fisher"]
+    assert 0 <= estimation["rank_agreement"] <= 1
+    assert [row["shape"] for row in out["svd"]] == [[256, 256]]
 
 
 def test_soak_quick():

@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..method.allocation import LayerSpectrum, budget_ranks, explained_ranks
-from ..method.decompose import decompose, factors_from_svd, fit_scales, residual
-from ..method.fisher import empirical_fisher
-from ..method.losses import LossFn, default_loss
-from ..method.trial import resolve_trial_lr, trial_finetune
+from ..method.allocation import LayerSpectrum, budget_ranks, explained_counts, explained_ranks
+from ..method.decompose import Spectrum, decompose, factors_from_svd, fit_scales, residual
+from ..method.fisher import TrialFisher, empirical_fisher
+from ..method.losses import LossFn, batch_size, default_loss
+from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune
 from .accounting import task_stats
 
 if TYPE_CHECKING:
     from .model import HalrpModel
+
+
+OVERSAMPLE = 10  # extra triplets a truncated SVD computes beyond the rank cap
 
 
 @dataclass
@@ -33,9 +36,16 @@ class EstimateResult:
     seconds: dict[str, float] = field(default_factory=dict)  # trial, fisher, decompose, allocate
 
 
-def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int) -> str:
+def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int, rank_cap: int) -> str:
+    """ "full" or "randomized" for a residual whose smaller side is `smallest_side`.
+
+    "auto" truncates (randomized SVD of the leading `rank_cap + oversample` triplets) a layer
+    at least `randomized_min_dim` wide whose cap is at most half its width: below that the
+    full SVD costs about as much (benchmarks/speed.py's scaling table).
+    """
     if config_svd == "auto":
-        return "randomized" if smallest_side >= randomized_min_dim else "full"
+        wide = smallest_side >= randomized_min_dim
+        return "randomized" if wide and rank_cap + OVERSAMPLE <= smallest_side // 2 else "full"
     return config_svd
 
 
@@ -97,34 +107,44 @@ def estimate_task(
         clock = now
 
     # 1. Trial fine-tune of a plain copy of the task's model: what the task keeps is free.
+    # 2. Empirical Fisher of each low-rank-capable layer: from the trial's last steps, or a
+    #    pass at the trial's final weights (the reference's way).
     trial = handle.merge(task)
+    trial_modules = dict(trial.named_modules())
+    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
+    measured = {n: trial_modules[n].weight for n in low_rank}
     trial_lr = resolve_trial_lr(
         cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
     )
+    epochs = cfg.trial_epochs if epochs is None else epochs
+    steps = cfg.trial_steps if steps is None else steps
+    gathered = None
+    if cfg.fisher == "trial":
+        gathered = TrialFisher(measured, planned_steps(data, epochs, steps))
     taken = trial_finetune(
         trial,
         data,
         loss_fn,
-        epochs=cfg.trial_epochs if epochs is None else epochs,
-        steps=cfg.trial_steps if steps is None else steps,
+        epochs=epochs,
+        steps=steps,
         lr=trial_lr,
         trainable=kept_parameter_names(handle, trial),
+        after_backward=None
+        if gathered is None
+        else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
     )
-    trial_modules = dict(trial.named_modules())
     lap("trial")
-
-    # 2. Empirical Fisher of each low-rank-capable layer, at the trial's weights.
-    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
-    fisher = empirical_fisher(
-        trial,
-        fisher_data if fisher_data is not None else data,
-        {n: trial_modules[n].weight for n in low_rank},
-        loss_fn,
-    )
+    if gathered is not None:
+        fisher = gathered.result()
+    else:
+        fisher = empirical_fisher(
+            trial, fisher_data if fisher_data is not None else data, measured, loss_fn
+        )
     lap("fisher")
 
-    # 3-4. Scales by least squares, residual, SVD.
-    spectra, described = {}, []
+    # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).
+    spectra: dict[str, Spectrum] = {}
+    residuals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in layers.items():
             w_free = layer.canonical(trial_modules[name].weight.detach())
@@ -138,30 +158,47 @@ def estimate_task(
             if name not in low_rank:
                 continue
             d = residual(w_free, w_base, r, s)
-            method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim)
-            spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank)
-            described.append(
-                LayerSpectrum(
-                    name,
-                    spectra[name].S,
-                    spectra[name].energy,
-                    fisher[name],
-                    layer.kernel_area,
-                    layer.out_features,
-                    layer.in_features,
-                )
-            )
+            method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim, cfg.upper_rank)
+            spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank, oversample=OVERSAMPLE)
+            if len(spectra[name].S) < min(d.shape):
+                residuals[name] = d
         _adopt_trial_state(handle, task, trial_modules)
     del trial, trial_modules
+
+    def described() -> list[LayerSpectrum]:
+        return [
+            LayerSpectrum(
+                name,
+                spectrum.S,
+                spectrum.energy,
+                fisher[name],
+                layers[name].kernel_area,
+                layers[name].out_features,
+                layers[name].in_features,
+            )
+            for name, spectrum in spectra.items()
+        ]
+
+    # A truncated spectrum changes the choice only if the explained-share prefix takes all of
+    # it (more of its values might lie above the cut): those layers get their whole spectrum.
+    while residuals:
+        counts = explained_counts(described(), cfg.explained)
+        short = [n for n in residuals if counts[n] >= len(spectra[n].S)]
+        if not short:
+            break
+        for name in short:
+            spectra[name] = decompose(residuals.pop(name), "full")
+    residuals.clear()
     lap("decompose")
 
     # 5-6. Global choice by explained share, then fitted to the budget up front.
-    caps = explained_ranks(described, cfg.explained, cfg.upper_rank)
+    spectrum_list = described()
+    caps = explained_ranks(spectrum_list, cfg.explained, cfg.upper_rank)
     stats = task_stats(
         task, layers, list(handle.task_norms().values()), None, handle.backbone_params, False
     )
     room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
-    ranks = budget_ranks(described, caps, room)
+    ranks = budget_ranks(spectrum_list, caps, room)
 
     # 7. Factors from the SVD.
     for name, rank in ranks.items():

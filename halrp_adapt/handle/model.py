@@ -351,10 +351,12 @@ class HalrpModel(nn.Module):
         """Choose the open task's ranks and initialise its scales and factors (the paper's way).
 
         A copy of the model is fine-tuned freely on `data` (`epochs`/`steps`, default from the
-        config), the empirical Fisher of each layer is measured on `fisher_data` (default
-        `data`), scales are fitted by least squares, the residual is decomposed by SVD, and
-        ranks are chosen globally by Fisher-weighted energy within the budget. The trial's
-        biases, norms and head become the task's. Build the optimiser after this call.
+        config); the empirical Fisher of each layer comes from the trial's last steps
+        (`fisher="trial"`, the default) or a pass over `fisher_data` (default `data`) at the
+        trial's final weights (`fisher="pass"`); scales are fitted by least squares, the
+        residual is decomposed by SVD, and ranks are chosen globally by Fisher-weighted energy
+        within the budget. The trial's biases, norms and head become the task's. Build the
+        optimiser after this call.
 
         `loss_fn(model, batch) -> loss` defaults to cross-entropy on `(x, y)` or dict batches.
         Returns {layer name: rank}.
@@ -368,6 +370,13 @@ class HalrpModel(nn.Module):
                 f"task {info.name!r} trains the backbone itself "
                 "(train_base=True): there is nothing to estimate; train it, "
                 "then end_task()."
+            )
+        if fisher_data is not None and self.config.fisher != "pass":
+            warnings.warn(
+                "`fisher_data` is read only with fisher='pass'; with "
+                f"fisher={self.config.fisher!r} the Fisher comes from the trial's own steps.",
+                UserWarning,
+                stacklevel=2,
             )
         result = estimate_task(
             self,

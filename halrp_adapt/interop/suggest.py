@@ -26,9 +26,9 @@ from torch import nn
 from ..handle.estimate import svd_method
 from ..method.allocation import LayerSpectrum, budget_ranks, explained_ranks
 from ..method.decompose import decompose
-from ..method.fisher import empirical_fisher
-from ..method.losses import LossFn, default_loss
-from ..method.trial import resolve_trial_lr, trial_finetune
+from ..method.fisher import TrialFisher, empirical_fisher
+from ..method.losses import LossFn, batch_size, default_loss
+from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune
 
 
 def suggest_lora_config(
@@ -91,6 +91,12 @@ def suggest_lora_config(
             "with groups=1, transformers Conv1D) was selected."
         )
     trial = copy.deepcopy(model)
+    modules = dict(trial.named_modules())
+    measured = {name: modules[name].weight for name in base}
+    gathered = None
+    if options.fisher == "trial":
+        planned = planned_steps(dataloader, options.trial_epochs, options.trial_steps)
+        gathered = TrialFisher(measured, planned)
     trial_finetune(
         trial,
         dataloader,
@@ -98,19 +104,23 @@ def suggest_lora_config(
         epochs=options.trial_epochs,
         steps=options.trial_steps,
         lr=resolve_trial_lr(options.trial_lr, model),
+        after_backward=None
+        if gathered is None
+        else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
     )
-    modules = dict(trial.named_modules())
-    fisher = empirical_fisher(
-        trial,
-        fisher_data if fisher_data is not None else dataloader,
-        {name: modules[name].weight for name in base},
-        loss_fn,
-    )
+    if gathered is not None:
+        fisher = gathered.result()
+    else:
+        fisher = empirical_fisher(
+            trial, fisher_data if fisher_data is not None else dataloader, measured, loss_fn
+        )
     spectra = []
     with torch.no_grad():
         for name, w0 in base.items():
             delta = _as_matrix(modules[name], modules[name].weight.detach() - w0)
-            method = svd_method(options.svd, min(delta.shape), options.randomized_min_dim)
+            method = svd_method(
+                options.svd, min(delta.shape), options.randomized_min_dim, upper_rank
+            )
             spectrum = decompose(delta.float(), method, rank_cap=upper_rank)
             out_features, in_features = delta.shape
             spectra.append(

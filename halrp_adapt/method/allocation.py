@@ -47,6 +47,20 @@ def explained_ranks(
     layers: list[LayerSpectrum], explained: float, upper_rank: int
 ) -> dict[str, int]:
     """Ranks from the global explained-share rule (the paper's), clamped to [1, upper_rank]."""
+    counts = explained_counts(layers, explained)
+    return {
+        layer.name: max(1, min(counts[layer.name], upper_rank, layer.sigma.numel()))
+        for layer in layers
+    }
+
+
+def explained_counts(layers: list[LayerSpectrum], explained: float) -> dict[str, int]:
+    """How many of each layer's values the explained-share prefix takes, before clamping.
+
+    A layer whose spectrum was truncated (`sigma` shorter than its matrix) and whose count
+    equals the values it has may hide more values above the prefix's cut: only then can the
+    truncation change the prefix, and the layer needs its whole spectrum (`estimate.py`).
+    """
     scores, owners = _scores(layers)
     total = sum(layer.weight * layer.energy for layer in layers)
     counts = {layer.name: 0 for layer in layers}
@@ -57,10 +71,7 @@ def explained_ranks(
         stop = int(past[0]) + 1 if past.numel() else scores.numel()
         for owner in owners[order[:stop]].tolist():
             counts[layers[owner].name] += 1
-    return {
-        layer.name: max(1, min(counts[layer.name], upper_rank, layer.sigma.numel()))
-        for layer in layers
-    }
+    return counts
 
 
 def budget_ranks(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -59,12 +59,14 @@ def trial_finetune(
     steps: int | None,
     lr: float,
     trainable: Collection[str] | None = None,
+    after_backward: Callable[[int, Any], None] | None = None,
 ) -> int:
     """Train `model`'s parameters named in `trainable` (default: all) with Adam, unregularised;
     return the steps taken. The others are frozen for the trial.
 
     `steps`, when given, stops training after that many batches whatever `epochs` says
-    (looping over `data` again if needed).
+    (looping over `data` again if needed). `after_backward(step, batch)` runs between each
+    step's backward and its update (`TrialFisher` reads the gradients there).
     """
     params = []
     for name, p in model.named_parameters():
@@ -80,6 +82,8 @@ def trial_finetune(
         for batch in data:
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()
+            if after_backward is not None:
+                after_backward(taken, batch)
             optimizer.step()
             taken += 1
             seen += 1
@@ -92,3 +96,13 @@ def trial_finetune(
             )
         epoch += 1
     return taken
+
+
+def planned_steps(data: Iterable[Any], epochs: int, steps: int | None) -> int | None:
+    """How many steps `trial_finetune` will take, or None when `data` has no length."""
+    if steps is not None:
+        return steps
+    try:
+        return epochs * len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -245,7 +245,9 @@ class ContinualTrainer:
         ranks: list[Any] = [None]
         if acc.is_main_process:
             loader = self._loader(task.train, train=True, seed=seed)
-            fisher = self._loader(task.val, train=False, seed=seed) if task.val else None
+            fisher = None
+            if task.val and handle.config.fisher == "pass":  # the reference: on validation
+                fisher = self._loader(task.val, train=False, seed=seed)
             # the whole global batch on one process, as in a single-process run
             loader = DataLoader(
                 loader.dataset,
