@@ -319,7 +319,7 @@ ABLATIONS: dict[str, Variant] = {
     "scales only on layers without factors": Variant(options={"scale_modules": "grouped"}),
     # Rank estimation as the reference does it (and this project did up to 0.x): a separate
     # Fisher pass at the trial's final weights and full SVDs of every residual.
-    "reference estimation (Fisher pass, full SVD)": Variant(options={"fisher": "pass",
+    "reference estimation (Fisher pass + full SVD)": Variant(options={"fisher": "pass",
                                                                       "svd": "full"}),
 }
 
