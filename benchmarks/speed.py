@@ -50,6 +50,23 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired_medians(fns: dict, warmup: int, repeats: int, rounds: int = 4) -> dict:
+    """Median seconds of each function, timed in alternating blocks (A B B A ...) of `repeats`
+    calls, each block after `warmup` untimed calls: slow drifts of a shared machine then
+    weigh on every function alike."""
+    times: dict = {key: [] for key in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            for _ in range(warmup):
+                fns[key]()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fns[key]()
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def make_model(name: str, size: int) -> nn.Module:
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
@@ -103,17 +120,20 @@ def study_steps(name: str, size: int, batch: int, rank: int, warmup: int, repeat
     cl = halrp_task(make_model(name, size), rank)
     targets = list(cl.adapter_layers())
     lora = lora_model(make_model(name, size), rank, targets)
-    halrp_train = median_seconds(train_step(cl, cl.trainable_parameters(), x, y,
-                                            cl.regularization_loss), warmup, repeats)
-    lora_train = median_seconds(train_step(lora, [p for p in lora.parameters()
-                                                  if p.requires_grad], x, y), warmup, repeats)
+    steps = paired_medians({
+        "halrp": train_step(cl, cl.trainable_parameters(), x, y, cl.regularization_loss),
+        "lora": train_step(lora, [p for p in lora.parameters() if p.requires_grad], x, y)},
+        warmup, max(1, repeats // 2), rounds=1 if repeats == 1 else 4)
+    halrp_train, lora_train = steps["halrp"], steps["lora"]
     cl.eval()
     lora.eval()
     plain = make_model(name, size).eval()
     merged = cl.merge("t").eval()
     with torch.no_grad():
-        timings = {key: median_seconds(lambda m=m: m(x), warmup, repeats) for key, m in
-                   (("plain", plain), ("merged", merged), ("halrp", cl), ("lora", lora))}
+        timings = paired_medians({key: (lambda m=m: m(x)) for key, m in
+                                  (("plain", plain), ("merged", merged), ("halrp", cl),
+                                   ("lora", lora))},
+                                 warmup, max(1, repeats // 2), rounds=1 if repeats == 1 else 4)
     return {"model": name, "image_size": size, "batch": batch, "rank": rank,
             "train_step_s": {"halrp": halrp_train, "lora": lora_train},
             "train_ratio": halrp_train / lora_train,

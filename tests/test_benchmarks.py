@@ -57,6 +57,17 @@ def test_speed_quick():
     assert [row["shape"] for row in out["svd"]] == [[256, 256]]
 
 
+def test_gpu_study_quick_on_cpu():
+    # the GPU study's every figure but torch.compile (a minute of compiling on this machine)
+    out = _run("gpu", "--quick", "--device", "cpu", "--no-compile")
+    assert out["train_ratio"] > 0 and out["merged_vs_plain"] > 0
+    assert out["peak_bytes"] == {"halrp": None, "lora": None}
+    assert set(out["estimation_s"]) == {"reference", "default"}
+    assert set(out["targets"]) == {"train_step_at_most_1.10x", "peak_memory_at_most_1.10x",
+                                   "merged_inference_about_1.00x",
+                                   "estimation_at_most_0.20x_trial"}
+
+
 def test_soak_quick():
     out = _run("soak", "--quick")
     assert out["command"].endswith("--quick") and len(out["runs"]) == 2

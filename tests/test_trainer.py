@@ -130,6 +130,33 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path):
                 assert abs(a - b) <= tolerance, (key, first, second)
 
 
+def test_fsdp_on_two_gloo_ranks_matches_one_process(tmp_path):
+    # The backbone (two blocks, then the root) sharded with FSDP2 as Accelerate applies it,
+    # after the first task has trained it; the tasks' parameters whole on both ranks.
+    one = subprocess.run([PYTHON, str(SCRIPT), str(tmp_path / "one"), "--blocks", *CI],
+                         capture_output=True, text=True, env=_env(), timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29539", str(SCRIPT), str(tmp_path / "two"),
+                          "--blocks", "--fsdp", *CI], capture_output=True, text=True,
+                         env=_env(), timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = _result(one.stdout), _result(two.stdout)
+    assert two["processes"] == 2 and two["sharded"].startswith("FSDP")
+    assert two["fsdp_modules"] == ["", "blocks.0", "blocks.1"]  # each block, then the root
+    assert not one["sharded"].startswith("FSDP")
+    for row_one, row_two in zip(one["matrix"], two["matrix"]):
+        for a, b in zip(row_one, row_two):
+            assert abs(a - b) <= 0.5, (one["matrix"], two["matrix"])
+    matrix = two["matrix"]
+    for j in range(len(matrix)):  # a finished task never changes
+        assert {row[j] for row in matrix[j:]} == {matrix[j][j]}, matrix
+    rank0, rank1 = two["digests"]
+    assert rank0 == rank1, "the ranks hold different copies of a task"
+    assert rank0 == two["saved_digests"]  # what was saved when each task ended is still live
+    assert len(two["class_incremental"]["matrix"]) == len(matrix)
+
+
 def test_two_ranks_never_change_a_finished_task_with_batchnorm(tmp_path):
     # Each rank's BatchNorm statistics differ; the trainer must keep finished tasks identical
     # on every rank (DDP broadcasts buffers from rank 0 while training later tasks).

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from ..adapters.routing import TaskRouted
 
@@ -100,13 +102,40 @@ def backbone_state(model: nn.Module, head: str | None = None) -> dict[str, Tenso
         if isinstance(module, TaskRouted):
             skip += [f"{name}.{a}." for a in module.adapter_layer_names + module.other_param_names]
     out = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in _state(model).items():
         if any(key.startswith(prefix) for prefix in skip):
             continue
         plain = key.replace(".base_layer.", ".")
         if head is not None and (plain == head or plain.startswith(head + ".")):
             continue
         out[plain] = tensor
+    return out
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    """`model.state_dict(keep_vars=True)`; for a model sharded by FSDP, the same entries read
+    from the modules themselves, whose weights must then be gathered (FSDP's own state dict
+    would hand back the shards, and reshard the modules as it does)."""
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return model.state_dict(keep_vars=True)
+    out: dict[str, Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        entries = [*module._parameters.items()]
+        entries += [
+            (n, b)
+            for n, b in module._buffers.items()
+            if n not in module._non_persistent_buffers_set
+        ]
+        for name, tensor in entries:
+            if tensor is None:
+                continue
+            if isinstance(tensor, DTensor):
+                raise RuntimeError(
+                    f"the backbone is sharded (FSDP) and {dot}{name} is not gathered: read it "
+                    "inside halrp_adapt.training.sharding.full_weights(model), on every rank."
+                )
+            out[f"{dot}{name}"] = tensor
     return out
 
 

@@ -42,6 +42,7 @@ from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
 from .estimate import estimate_task
 from .mixed import forward_tasks
+from .plain_copy import plain_from_structure, remembered_structure
 from .task_retrieval import class_offsets, compute_signature, forward_auto, predict_tasks
 
 
@@ -590,7 +591,13 @@ class HalrpModel(nn.Module):
                 plain_parts[id(module)] = copy.deepcopy(module.halrp_head[name])
         if inplace:
             return self._swap_out(lambda m: plain_parts[id(m)])
-        plain = copy.deepcopy(self.model, dict(plain_parts))
+        structure = remembered_structure(self)
+        if structure is None:
+            plain = copy.deepcopy(self.model, dict(plain_parts))
+        else:  # a sharded model: a copy of its structure, filled from its (whole) weights
+            names = {id(m): n for n, m in self.model.named_modules()}
+            parts = {names[i]: part for i, part in plain_parts.items()}
+            plain = plain_from_structure(structure, self.model, parts)
         for p in plain.parameters():
             p.requires_grad_(True)
         return plain.train(self.model.training)

@@ -102,6 +102,12 @@ def add_training_args(
         help="experiment tracker(s), through Accelerate; TensorBoard files go to OUTPUT_DIR/halrp",
     )
     group.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the frozen backbone over the processes with FSDP2 (each task's parameters "
+        "stay whole); implied by an Accelerate config with distributed_type FSDP",
+    )
+    group.add_argument(
         "--mixed-precision",
         choices=["no", "bf16", "fp16"],
         default=None,
@@ -213,6 +219,7 @@ def run_tasks(
         loss_fn=loss_fn,
         progress=not args.no_progress,
         scenario=args.scenario,
+        fsdp=True if getattr(args, "fsdp", False) else None,
     )
     results = trainer.run()
     accelerator.wait_for_everyone()

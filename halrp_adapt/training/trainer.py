@@ -5,6 +5,8 @@ regularisation, end_task (prune), evaluate every task seen so far, save that tas
 write the metrics. Each task re-prepares the model with the accelerator (the trainable
 parameters change from task to task), saves on the main process only, evaluates with
 `gather_for_metrics`, and keeps the global batch size whatever the number of processes.
+Under FSDP (`fsdp=True`, or an accelerator whose distributed type is FSDP) the frozen backbone
+is sharded once instead (`sharding.py`) and the task's whole parameters averaged here.
 
 A run writes into `output_dir`: `adapters/` (the shelf of tasks), `metrics.json`,
 `accuracy_matrix.csv`, `tasks.csv`, `ranks.csv`, PNG plots, and `trainer_state.json`, from
@@ -13,6 +15,7 @@ which the same command resumes after the last finished task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
 from ..data.task_splits import TaskData
@@ -34,6 +37,7 @@ from ..files.serialization import _live_task_tensors
 from ..handle.model import HalrpModel
 from ..handle.task_retrieval import forward_auto
 from ..method.losses import LossFn, default_loss, logits_of, move_to
+from .sharding import average_gradients, block_classes, full_weights, is_sharded, shard_backbone
 from .tracking import RunTracker
 
 STATE_NAME = "trainer_state.json"
@@ -153,6 +157,7 @@ class ContinualTrainer:
         log: Callable[..., None] | None = None,
         tracker_project: str = "halrp",
         scenario: str = "task-incremental",
+        fsdp: bool | None = None,
     ) -> None:
         if scenario not in SCENARIOS:
             raise ValueError(f"`scenario` must be one of {SCENARIOS}, got {scenario!r}.")
@@ -174,6 +179,15 @@ class ContinualTrainer:
         self.scenario = scenario
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         n = self.accelerator.num_processes
+        # FSDP: the backbone sharded (training/sharding.py); None follows the accelerator.
+        self.fsdp = (
+            self.accelerator.distributed_type == DistributedType.FSDP if fsdp is None else fsdp
+        )
+        if self.fsdp and n == 1:
+            raise ValueError(
+                "`fsdp`=True shards the backbone over several processes; start them with "
+                "torchrun or accelerate launch (this run has one)."
+            )
         if config.batch_size % n:
             raise ValueError(
                 f"`batch_size` {config.batch_size} (global) must be divisible by the {n} processes."
@@ -282,6 +296,24 @@ class ContinualTrainer:
         for tensor in _live_task_tensors(handle, name).values():
             tensor.data.copy_(broadcast(tensor.data.contiguous(), from_process=0))
 
+    def _shard(self) -> None:
+        """Under FSDP, shard the backbone once (after any task that trains it)."""
+        if not self.fsdp or is_sharded(self.handle.model):
+            return
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+        reshard = getattr(plugin, "reshard_after_forward", True)
+        self.handle.to(self.accelerator.device)
+        shard_backbone(
+            self.handle,
+            block_classes(self.handle.model, names),
+            reshard_after_forward=reshard if isinstance(reshard, bool) else True,
+        )
+
+    def _whole_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The sharded backbone's weights whole on every rank (a collective), or nothing."""
+        return full_weights(self.handle.model) if self.fsdp else contextlib.nullcontext()
+
     def _epochs(self, task: TaskData) -> int:
         cfg = self.config
         if not cfg.subtract_trial_epochs or self.handle._tasks[task.name].trains_base:
@@ -294,10 +326,15 @@ class ContinualTrainer:
     def _train(self, task: TaskData, seed: int, index: int = 0) -> None:
         acc, cfg, handle = self.accelerator, self.config, self.handle
         epochs = self._epochs(task)
+        if self.fsdp and not is_sharded(handle.model):
+            handle.to(acc.device)  # a base-training task runs before the backbone is sharded
         optimizer = torch.optim.Adam(handle.trainable_parameters(), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay or 1.0)
         loader = self._loader(task.train, train=True, seed=seed)
-        model, optimizer, loader, scheduler = acc.prepare(handle, optimizer, loader, scheduler)
+        if self.fsdp:  # the sharded backbone as it is; the task's parameters averaged here
+            model, loader = handle, acc.prepare(loader)
+        else:
+            model, optimizer, loader, scheduler = acc.prepare(handle, optimizer, loader, scheduler)
         model.train()
         trainable = handle.trainable_parameters()  # once: the scan grows with the tasks
         from tqdm.auto import tqdm
@@ -310,11 +347,19 @@ class ContinualTrainer:
                 leave=False,
             )
             for batch in bar:
-                loss = self.loss_fn(model, batch) + handle.regularization_loss()
                 optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                if cfg.grad_clip is not None:
-                    acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                if self.fsdp:
+                    with acc.autocast():
+                        loss = self.loss_fn(model, batch) + handle.regularization_loss()
+                    loss.backward()
+                    average_gradients(trainable)
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                else:
+                    loss = self.loss_fn(model, batch) + handle.regularization_loss()
+                    acc.backward(loss)
+                    if cfg.grad_clip is not None:
+                        acc.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 value = loss.item()
@@ -417,9 +462,14 @@ class ContinualTrainer:
             seed_everything(seed, self.config.deterministic)
             times: dict[str, float] = {}
             start = time.perf_counter()
-            self.handle.add_task(task.name, num_classes=task.num_classes)
-            if not self.handle._tasks[task.name].trains_base:
-                self._estimate(task, seed)
+            trains_base = self.handle.config.train_base and not self.handle._tasks
+            if not trains_base:
+                self._shard()
+            with self._whole_weights():  # a new task copies base norms and head; estimation
+                self.handle.add_task(task.name, num_classes=task.num_classes)
+                if not trains_base:
+                    self._estimate(task, seed)
+            if not trains_base:
                 times["estimate"] = time.perf_counter() - start
                 ranks = self.handle.task_stats(task.name).ranks
                 self.log(
@@ -485,10 +535,15 @@ class ContinualTrainer:
 
     def _save(self, task: TaskData) -> None:
         self.accelerator.wait_for_everyone()
-        if self.output_dir is None or not self.accelerator.is_main_process:
-            return
+        with self._whole_weights():  # the backbone's fingerprint reads whole weights
+            if self.output_dir is not None and self.accelerator.is_main_process:
+                self._write(task)
+        self.accelerator.wait_for_everyone()
+
+    def _write(self, task: TaskData) -> None:
         from ..files.storage import atomic_write
 
+        assert self.output_dir is not None  # _save writes only with an output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         mark = time.perf_counter()
         if self.config.save_adapters:
