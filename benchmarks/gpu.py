@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--trial-batches", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write (default results/gpu.json, gpu_quick.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.img_size, args.batch, args.repeats, args.trial_batches = (
@@ -120,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     halrp_step = step_fn(cl, cl.trainable_parameters(), x, y, dtype, device,
                          cl.regularization_loss)
     lora_step = step_fn(lora, lora_params, x, y, dtype, device)
-    out: dict = {"command": "python benchmarks/gpu.py" + (" --quick --device cpu"
-                                                          if args.quick else ""),
+    out: dict = {"command": "python benchmarks/gpu.py " + " ".join(argv if argv is not None
+                                                                     else sys.argv[1:]),
                  "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
                  "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else "cpu"),
@@ -201,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                           out["estimation_over_trial_default"] <= 0.20}
     print(json.dumps({k: v for k, v in out.items() if k != "estimation_s"}, indent=1))
     RESULTS.mkdir(exist_ok=True)
-    name = "gpu_quick" if args.quick else "gpu"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    path = args.out or RESULTS / ("gpu_quick.json" if args.quick else "gpu.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 

@@ -849,6 +849,8 @@ def ablation_table(files: list[Path]) -> dict:
     each variant's change against the default run of the same seed (paired), per sequence and
     averaged over the sequences that ran it."""
     acc: dict[str, dict[str, dict[str, float]]] = {}
+    ranks: dict[str, dict[str, dict[str, list]]] = {}
+    estimate_s: dict[str, dict[str, list[float]]] = {}
     machines = set()
     for f in files:
         data = json.loads(f.read_text())
@@ -857,6 +859,11 @@ def ablation_table(files: list[Path]) -> dict:
         for label, by_seed in data["part"]["data"].get("ablations", {}).items():
             for seed, run in by_seed.items():
                 acc.setdefault(name, {}).setdefault(label, {})[seed] = run["acc"]
+                if "explained_ranks" in run:
+                    ranks.setdefault(name, {}).setdefault(label, {})[seed] = run[
+                        "explained_ranks"]
+                    estimate_s.setdefault(label, {}).setdefault(name, []).extend(
+                        run["estimate_s_without_trial"])
     delta: dict[str, dict[str, float]] = {}
     for name, by_label in acc.items():
         base = by_label.get("default", {})
@@ -866,7 +873,32 @@ def ablation_table(files: list[Path]) -> dict:
                 delta.setdefault(label, {})[name] = statistics.mean(paired)
     return {"acc": acc, "delta_vs_default": delta,
             "mean_delta": {label: statistics.mean(d.values()) for label, d in delta.items()},
+            "rank_agreement": _rank_agreement(ranks),
+            "estimate_s_without_trial": {label: {n: statistics.mean(v) for n, v in by.items()}
+                                         for label, by in estimate_s.items()},
             "machines": sorted(machines)}
+
+
+def _rank_agreement(ranks: dict) -> dict:
+    """Each variant's explained-share ranks against the default run's of the same seed, layer
+    by layer over every estimated task: the share of equal ranks and the mean absolute
+    difference, with the default's mean rank for scale."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, by_label in ranks.items():
+        base = by_label.get("default", {})
+        for label, by_seed in by_label.items():
+            if label == "default":
+                continue
+            pairs = [(base[seed][t][layer], task[layer])
+                     for seed, tasks in by_seed.items() if seed in base
+                     for t, task in enumerate(tasks) for layer in task]
+            if pairs:
+                out.setdefault(label, {})[name] = {
+                    "equal": sum(a == b for a, b in pairs) / len(pairs),
+                    "mean_abs_difference": statistics.mean(abs(a - b) for a, b in pairs),
+                    "default_mean_rank": statistics.mean(a for a, _ in pairs),
+                    "layers_compared": len(pairs)}
+    return out
 
 
 def merge_files(files: list[Path], methods: list[str]) -> dict[str, dict]:

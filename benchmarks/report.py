@@ -162,6 +162,15 @@ def speed(data: dict) -> list[str]:
                      f"{s['rank']}) | {s['train_ratio']:.3f} | {s['merged_vs_plain']:.3f} | "
                      f"{s['unmerged_halrp_vs_lora']:.3f} | "
                      f"{s['train_step_s']['halrp'] * 1e3:.0f} ms |")
+    if data.get("step_breakdown"):
+        labels = list(data["step_breakdown"][0]["over_lora"])
+        lines += ["", "Where the step's extra time goes: HALRP's step with fewer of the task's "
+                  "parameters trained (the scales are still applied), over LoRA's step, measured "
+                  "side by side:", "", "| backbone | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]
+        for b in data["step_breakdown"]:
+            lines.append(f"| {b['model']} | " + " | ".join(
+                f"{b['over_lora'][k]:.3f}" for k in labels) + " |")
     lines += ["", "Rank estimation without the trial, over one trial epoch (40 batches of 16 at "
               "64 px), two ways on the same data and weights: the reference's (a Fisher pass on "
               "a 20% validation split, full SVDs) and the default (the Fisher from the trial's "
@@ -461,6 +470,37 @@ def budget_split(data: dict) -> list[str]:
     return lines + [""]
 
 
+def estimation_quality(data: dict) -> list[str]:
+    """Study 8's estimation ablation: the default (Fisher from the trial, truncated SVDs)
+    against the reference's estimation, paired by seed."""
+    label = "reference estimation (Fisher pass + full SVD)"
+    names = sorted(data["acc"])
+    lines = ["### Rank estimation: the Fisher from the trial against the reference's pass", "",
+             f"Table: `{data['command']}` ({data['date']}). {data['note']}", "",
+             "| sequence | seeds | default ACC | reference estimation ACC | change | layers "
+             "with equal ranks | mean rank difference (default mean rank) | estimation s "
+             "without the trial, default / reference |", "|---|---|---|---|---|---|---|---|"]
+    seconds = data.get("estimate_s_without_trial", {})
+    for s in names:
+        base, ref = data["acc"][s].get("default", {}), data["acc"][s].get(label, {})
+        seeds = sorted(set(base) & set(ref))
+        if not seeds:
+            continue
+        agree = data["rank_agreement"].get(label, {}).get(s, {})
+        mean = lambda d: sum(d[k] for k in seeds) / len(seeds)  # noqa: E731
+        lines.append(
+            f"| {s} | {len(seeds)} | {mean(base):.2f} | {mean(ref):.2f} | "
+            f"{mean(base) - mean(ref):+.2f} | {100 * agree.get('equal', float('nan')):.0f}% | "
+            f"{agree.get('mean_abs_difference', float('nan')):.2f} "
+            f"({agree.get('default_mean_rank', float('nan')):.1f}) | "
+            f"{seconds.get('default', {}).get(s, float('nan')):.2f} / "
+            f"{seconds.get(label, {}).get(s, float('nan')):.2f} |")
+    change = -data["mean_delta"][label] if label in data["mean_delta"] else float("nan")
+    lines += ["", f"Mean change of ACC, default minus reference, over the sequences: "
+              f"{change:+.2f} points.", ""]
+    return lines
+
+
 CI_LABELS = {"halrp+retrieval (backbone)": "HALRP, task found (backbone features)",
              "halrp+retrieval (task)": "HALRP, task found (each task's features)",
              "oracle": "HALRP told the task (oracle)",
@@ -604,6 +644,7 @@ def main() -> str:
     for name, render in (("soak", soak), ("suggest_lora", suggest), ("mixed_batches", mixed),
                          ("norm_statistics", norm_statistics), ("quality", quality),
                          ("quality_budget_split", budget_split),
+                         ("quality_estimation", estimation_quality),
                          ("class_incremental", class_incremental)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]

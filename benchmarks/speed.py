@@ -142,6 +142,35 @@ def study_steps(name: str, size: int, batch: int, rank: int, warmup: int, repeat
             "unmerged_halrp_vs_lora": timings["halrp"] / timings["lora"]}
 
 
+def study_step_breakdown(name: str, size: int, batch: int, rank: int, warmup: int,
+                         repeats: int) -> dict:
+    """Where HALRP's extra step time goes: the same step with fewer of the task's kinds of
+    parameter trainable (scales still applied, just not trained), against LoRA's step."""
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    cl = halrp_task(make_model(name, size), rank)
+    lora = lora_model(make_model(name, size), rank, list(cl.adapter_layers()))
+    names = {id(p): n for n, p in cl.named_parameters()}
+    everything = cl.trainable_parameters()
+    frozen_by = {"all trained": [], "scales frozen": ["halrp_r", "halrp_s"],
+                 "+ biases frozen": ["halrp_r", "halrp_s", "halrp_bias"],
+                 "+ norms frozen (factors and head only, as LoRA)":
+                     ["halrp_r", "halrp_s", "halrp_bias", "halrp_norm"]}
+    fns = {}
+    for label, frozen in frozen_by.items():
+        params = [p for p in everything if not any(f in names[id(p)] for f in frozen)]
+
+        def step(params=params, inner=train_step(cl, params, x, y, cl.regularization_loss)):
+            keep = {id(p) for p in params}
+            for p in everything:
+                p.requires_grad_(id(p) in keep)
+            inner()
+        fns[label] = step
+    fns["lora"] = train_step(lora, [p for p in lora.parameters() if p.requires_grad], x, y)
+    seconds = paired_medians(fns, warmup, max(1, repeats // 2), rounds=1 if repeats == 1 else 4)
+    return {"model": name, "seconds": seconds,
+            "over_lora": {k: v / seconds["lora"] for k, v in seconds.items() if k != "lora"}}
+
+
 def study_estimation(name: str, size: int, batch: int, batches: int) -> dict:
     """Rank estimation two ways on the same data and weights: the reference's (a separate
     Fisher pass on a validation split of 20% of the trial's size, full SVDs) and the default
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = [("vit_tiny_patch16_224", 32, 4, 4)] if q else \
         [("vit_small_patch16_224", 96, 16, 8), ("efficientnet_lite0", 32, 64, 8)]
     out["steps"] = [study_steps(*c, warmup, repeats) for c in configs]
+    out["step_breakdown"] = [study_step_breakdown(*c, warmup, repeats) for c in configs]
     estimation = [("vit_tiny_patch16_224", 32, 4, 2)] if q else \
         [(f"vit_{s}_patch16_224", 64, 16, 40) for s in ("tiny", "small", "base")]
     out["estimation"] = [study_estimation(*e) for e in estimation]
@@ -265,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{s['model']:<24} train HALRP/LoRA {s['train_ratio']:.3f}   merged/plain "
               f"{s['merged_vs_plain']:.3f}   unmerged HALRP/LoRA {s['unmerged_halrp_vs_lora']:.3f}"
               f"   (HALRP step {s['train_step_s']['halrp'] * 1e3:.0f} ms)")
+    for b in out["step_breakdown"]:
+        print(f"{b['model']:<24} step / LoRA: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in b["over_lora"].items()))
     for e in out["estimation"]:
         print(f"{e['model']:<24} estimation/trial: reference "
               f"{e['estimation_over_trial_reference']:.3f}, default "

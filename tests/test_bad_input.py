@@ -21,6 +21,7 @@ import halrp_adapt
 from halrp_adapt import HalrpConfig
 from halrp_adapt.method.task_signature import PrototypeScorer, SignatureAccumulator
 from halrp_adapt.training.recipes import add_training_args, check_training_args, recipe_parser
+from halrp_adapt.data.task_splits import TaskData
 from halrp_adapt.training.trainer import ContinualTrainer, TrainConfig
 
 from conftest import batches, learn_task, tiny_cnn
@@ -137,6 +138,10 @@ CASES = [
     Case("trainer-scenario",
          lambda w: ContinualTrainer(w.idle, [], TrainConfig(), scenario="open-set"),
          ValueError, r"`scenario` must be one of \('task-incremental', 'class-incremental'\)"),
+    Case("trainer-fsdp-one-process",
+         lambda w: ContinualTrainer(w.idle, [TaskData("t", [0, 1], [], [])], TrainConfig(),
+                                    fsdp=True),
+         ValueError, r"`fsdp`=True shards the backbone over several processes"),
     # save_pretrained
     Case("save-dtype", lambda w: w.idle.save_pretrained(w.shelf, dtype="int8"),
          ValueError, r"`dtype` must be one of \['bfloat16', 'float16', 'float32'\]"),
