@@ -65,18 +65,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def step_fn(model: nn.Module, params: list, x, y, dtype, device, extra=None):
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = nn.functional.cross_entropy(model(x), y)
-            if extra is not None:
-                loss = loss + extra()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return speed.train_step(model, params, x, y, extra, lambda: autocast(device, dtype))
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -20,6 +20,7 @@ machine is shared and slow). Writes benchmarks/results/speed.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -101,14 +102,16 @@ def lora_model(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
                                                 model, "classifier") else "head"]))
 
 
-def train_step(model: nn.Module, params, x, y, extra=None):
+def train_step(model: nn.Module, params, x, y, extra=None, context=contextlib.nullcontext):
+    """One Adam step of `model` on (x, y), plus `extra()` (the regularisation) in the loss,
+    the forward inside `context()` (an autocast for mixed precision)."""
     optimizer = torch.optim.Adam(params, lr=1e-4)
 
     def step() -> None:
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        if extra is not None:
-            loss = loss + extra()
+        with context():
+            loss = nn.functional.cross_entropy(model(x), y)
+            if extra is not None:
+                loss = loss + extra()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

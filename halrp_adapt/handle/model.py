@@ -17,12 +17,13 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..adapters.heads import TaskHead, find_head
 from ..adapters.layers import HalrpLayer
@@ -418,11 +419,9 @@ class HalrpModel(nn.Module):
             for d in (layer.halrp_A, layer.halrp_B):
                 if task in d:
                     absolute.append(d[task])
-        # One flat vector per term: a few large ops instead of several per parameter, which
-        # on a network with a hundred adapted layers would cost more than the sums themselves.
         zero = torch.zeros((), device=next(self.parameters()).device)
-        wd = _flat(squared).pow(2).sum() if squared else zero
-        l1 = _flat(absolute).abs().sum() if absolute else zero
+        wd = _total(squared, lambda t: t.pow(2).sum(), zero)
+        l1 = _total(absolute, lambda t: t.abs().sum(), zero)
         return cfg.l1 * l1 + cfg.wd * wd / 2
 
     def end_task(
@@ -800,8 +799,19 @@ class HalrpModel(nn.Module):
             )
 
 
-def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _total(tensors: list[Tensor], term: Callable[[Tensor], Tensor], zero: Tensor) -> Tensor:
+    """`sum(term(t) for t in tensors)`, with the plain tensors in one flat vector: a few large
+    ops instead of several per parameter, which on a network of a hundred adapted layers would
+    cost more than the sums themselves. A parameter FSDP2 shards (a DTensor outside forward)
+    is reduced on its own to a plain scalar (differentiably) so that it adds to the loss."""
+    plain = [t for t in tensors if not isinstance(t, DTensor)]
+    total = term(torch.cat([t.reshape(-1) for t in plain])) if plain else zero
+    for t in tensors:
+        if isinstance(t, DTensor):
+            sharded = term(t)
+            assert isinstance(sharded, DTensor)  # a reduction of a DTensor stays one
+            total = total + sharded.full_tensor()
+    return total
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
