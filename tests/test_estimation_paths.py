@@ -9,6 +9,7 @@ from torch import nn
 import halrp_adapt
 from halrp_adapt.handle import estimate as estimate_module
 from halrp_adapt.method.fisher import TrialFisher, empirical_fisher
+from halrp_adapt.method import trial as trial_module
 from halrp_adapt.method.trial import trial_finetune
 
 from conftest import batches
@@ -60,7 +61,7 @@ def test_trial_fisher_runs_no_pass_and_the_pass_stays_an_option(monkeypatch):
         calls.append(1)
         return empirical_fisher(*args, **kwargs)
 
-    monkeypatch.setattr(estimate_module, "empirical_fisher", counted)
+    monkeypatch.setattr(trial_module, "empirical_fisher", counted)
     for fisher, expected_calls in (("trial", 0), ("pass", 1)):
         calls.clear()
         cl = halrp_adapt.attach(_mlp(), budget=0.5, fisher=fisher)

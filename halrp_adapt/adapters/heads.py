@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from .routing import TaskRouted, per_task_rows
+from .routing import TaskRouted
 
 HF_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "head", "fc", "last")
 
@@ -115,15 +115,8 @@ class TaskHead(TaskRouted):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        routing = self.row_routing
-        if routing is not None:
-            routing.check(args[0], "the head")
-            return per_task_rows(
-                routing,
-                args[0],
-                lambda task, x: self.halrp_head[task](x, *args[1:], **kwargs),
-                pad_last=True,
-            )
+        if self.row_routing is not None:
+            return self.forward_rows(self.halrp_head, args, kwargs, pad_last=True)
         task = self.routed_task
         head = self.base_layer if task is None else self.halrp_head[task]
         return head(*args, **kwargs)

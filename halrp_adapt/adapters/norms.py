@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .routing import TaskRouted, per_task_rows
+from .routing import TaskRouted
 
 
 class TaskNorm(TaskRouted):
@@ -44,12 +44,8 @@ class TaskNorm(TaskRouted):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        routing = self.row_routing
-        if routing is not None:
-            routing.check(args[0], "a norm")
-            return per_task_rows(
-                routing, args[0], lambda task, x: self.halrp_norm[task](x, *args[1:], **kwargs)
-            )
+        if self.row_routing is not None:
+            return self.forward_rows(self.halrp_norm, args, kwargs)
         task = self.routed_task
         norm = self.base_layer if task is None else self.halrp_norm[task]
         return norm(*args, **kwargs)

@@ -112,6 +112,20 @@ class TaskRouted(nn.Module, BaseTunerLayer):
             names.update(dict.fromkeys(getattr(self, attr).keys()))
         return list(names)
 
+    def forward_rows(
+        self, copies: nn.ModuleDict, args: tuple, kwargs: dict, pad_last: bool = False
+    ) -> Tensor:
+        """Under `row_routing`, each task's own module of `copies` on its rows of `args[0]`."""
+        routing = self.row_routing
+        assert routing is not None  # called only while a mixed batch is routed by rows
+        routing.check(args[0], type(self).__name__)
+        return per_task_rows(
+            routing,
+            args[0],
+            lambda task, x: copies[task](x, *args[1:], **kwargs),
+            pad_last=pad_last,
+        )
+
     def set_active_task(self, task: str | None) -> None:
         self.active_task = task
 

@@ -112,11 +112,16 @@ def backbone_state(model: nn.Module, head: str | None = None) -> dict[str, Tenso
     return out
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) wraps any module of `model`."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _state(model: nn.Module) -> dict[str, Tensor]:
     """`model.state_dict(keep_vars=True)`; for a model sharded by FSDP, the same entries read
     from the modules themselves, whose weights must then be gathered (FSDP's own state dict
     would hand back the shards, and reshard the modules as it does)."""
-    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+    if not is_sharded(model):
         return model.state_dict(keep_vars=True)
     out: dict[str, Tensor] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):

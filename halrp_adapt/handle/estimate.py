@@ -11,9 +11,8 @@ import torch
 
 from ..method.allocation import LayerSpectrum, budget_ranks, explained_counts, explained_ranks
 from ..method.decompose import Spectrum, decompose, factors_from_svd, fit_scales, residual
-from ..method.fisher import TrialFisher, empirical_fisher
-from ..method.losses import LossFn, batch_size, default_loss
-from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune
+from ..method.losses import LossFn, default_loss
+from ..method.trial import resolve_trial_lr, trial_with_fisher
 from .accounting import task_stats
 
 if TYPE_CHECKING:
@@ -116,31 +115,19 @@ def estimate_task(
     trial_lr = resolve_trial_lr(
         cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
     )
-    epochs = cfg.trial_epochs if epochs is None else epochs
-    steps = cfg.trial_steps if steps is None else steps
-    gathered = None
-    if cfg.fisher == "trial":
-        gathered = TrialFisher(measured, planned_steps(data, epochs, steps))
-    taken = trial_finetune(
+    taken, fisher = trial_with_fisher(
         trial,
         data,
         loss_fn,
-        epochs=epochs,
-        steps=steps,
+        measured,
+        fisher=cfg.fisher,
+        fisher_data=fisher_data,
+        epochs=cfg.trial_epochs if epochs is None else epochs,
+        steps=cfg.trial_steps if steps is None else steps,
         lr=trial_lr,
         trainable=kept_parameter_names(handle, trial),
-        after_backward=None
-        if gathered is None
-        else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
+        lap=lap,
     )
-    lap("trial")
-    if gathered is not None:
-        fisher = gathered.result()
-    else:
-        fisher = empirical_fisher(
-            trial, fisher_data if fisher_data is not None else data, measured, loss_fn
-        )
-    lap("fisher")
 
     # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).
     spectra: dict[str, Spectrum] = {}

@@ -26,9 +26,8 @@ from torch import nn
 from ..handle.estimate import svd_method
 from ..method.allocation import LayerSpectrum, budget_ranks, explained_ranks
 from ..method.decompose import decompose
-from ..method.fisher import TrialFisher, empirical_fisher
-from ..method.losses import LossFn, batch_size, default_loss
-from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune
+from ..method.losses import LossFn, default_loss
+from ..method.trial import resolve_trial_lr, trial_with_fisher
 
 
 def suggest_lora_config(
@@ -93,27 +92,17 @@ def suggest_lora_config(
     trial = copy.deepcopy(model)
     modules = dict(trial.named_modules())
     measured = {name: modules[name].weight for name in base}
-    gathered = None
-    if options.fisher == "trial":
-        planned = planned_steps(dataloader, options.trial_epochs, options.trial_steps)
-        gathered = TrialFisher(measured, planned)
-    trial_finetune(
+    _, fisher = trial_with_fisher(
         trial,
         dataloader,
         loss_fn,
+        measured,
+        fisher=options.fisher,
+        fisher_data=fisher_data,
         epochs=options.trial_epochs,
         steps=options.trial_steps,
         lr=resolve_trial_lr(options.trial_lr, model),
-        after_backward=None
-        if gathered is None
-        else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
     )
-    if gathered is not None:
-        fisher = gathered.result()
-    else:
-        fisher = empirical_fisher(
-            trial, fisher_data if fisher_data is not None else dataloader, measured, loss_fn
-        )
     spectra = []
     with torch.no_grad():
         for name, w0 in base.items():

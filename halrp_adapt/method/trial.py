@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import LossFn
+from .fisher import TrialFisher, empirical_fisher
+from .losses import LossFn, batch_size
 
 # The trial's Adam learning rate when `trial_lr="auto"`, by kind of backbone (README, "Trial
 # defaults"). The paper's 1e-3 suits a backbone trained from scratch by the model's first task
@@ -106,3 +107,47 @@ def planned_steps(data: Iterable[Any], epochs: int, steps: int | None) -> int | 
         return epochs * len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def trial_with_fisher(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    weights: dict[str, torch.Tensor],
+    *,
+    fisher: str,
+    fisher_data: Iterable[Any] | None,
+    epochs: int,
+    steps: int | None,
+    lr: float,
+    trainable: Collection[str] | None = None,
+    lap: Callable[[str], None] | None = None,
+) -> tuple[int, dict[str, float]]:
+    """`trial_finetune`, then the empirical Fisher of `weights`: read off the trial's last
+    steps (`fisher="trial"`) or from a pass over `fisher_data` (default `data`) at its final
+    weights (`fisher="pass"`). Returns the steps taken and {name: Fisher}; `lap("trial")` and
+    `lap("fisher")` are called as each part ends (for timings)."""
+    lap = lap or (lambda phase: None)
+    gathered = None
+    if fisher == "trial":
+        gathered = TrialFisher(weights, planned_steps(data, epochs, steps))
+    taken = trial_finetune(
+        model,
+        data,
+        loss_fn,
+        epochs=epochs,
+        steps=steps,
+        lr=lr,
+        trainable=trainable,
+        after_backward=None
+        if gathered is None
+        else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
+    )
+    lap("trial")
+    if gathered is not None:
+        result = gathered.result()
+    else:
+        source = fisher_data if fisher_data is not None else data
+        result = empirical_fisher(model, source, weights, loss_fn)
+    lap("fisher")
+    return taken, result

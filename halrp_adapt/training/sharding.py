@@ -73,7 +73,6 @@ def shard_backbone(
     handle: HalrpModel,
     block_classes: Collection[str] = (),
     reshard_after_forward: bool = True,
-    mp_policy: Any | None = None,
 ) -> list[FSDPModule]:
     """Shard `handle.model`'s frozen weights with FSDP2 across the default process group;
     return the sharded modules (the blocks, then the root).
@@ -81,7 +80,8 @@ def shard_backbone(
     Tasks added later get whole (unsharded) parameters, so add them, and estimate their ranks,
     inside `full_weights`. A backbone that trains (`train_base`) must finish training first.
     """
-    if handle.backbone_trained_here and handle.open_task is not None:
+    open_task = handle.open_task
+    if open_task is not None and handle._tasks[open_task].trains_base:
         raise RuntimeError(
             "the open task trains the backbone (train_base=True): shard the backbone after "
             "end_task(), once only tasks' parameters train."
@@ -93,8 +93,6 @@ def shard_backbone(
         "reshard_after_forward": reshard_after_forward,
         "ignored_params": ignored,
     }
-    if mp_policy is not None:
-        options["mp_policy"] = mp_policy
     inside_routed = {
         id(m) for routed in handle._routed() for m in routed.modules() if m is not routed
     }
@@ -110,10 +108,6 @@ def shard_backbone(
             wrapped.append(fully_shard(module, **options))
     wrapped.append(fully_shard(model, **options))
     return wrapped
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -33,11 +33,11 @@ from accelerate.utils import DistributedType, broadcast, broadcast_object_list, 
 from torch.utils.data import DataLoader
 
 from ..data.task_splits import TaskData
-from ..files.serialization import _live_task_tensors
+from ..files.serialization import _live_task_tensors, is_sharded
 from ..handle.model import HalrpModel
 from ..handle.task_retrieval import forward_auto
 from ..method.losses import LossFn, default_loss, logits_of, move_to
-from .sharding import average_gradients, block_classes, full_weights, is_sharded, shard_backbone
+from .sharding import average_gradients, block_classes, full_weights, shard_backbone
 from .tracking import RunTracker
 
 STATE_NAME = "trainer_state.json"

@@ -253,37 +253,35 @@ class HalrpLayer(TaskRouted):
         """Each row of `x` through its own task, in one pass of the shared base weight:
         `r[row] * (W0 (s[row] * x)) + bias[row]`, then each task's `B A` on its rows only."""
         routing.check(x, type(self).__name__)
-        tasks = routing.tasks
-        if any(t in self.halrp_s for t in tasks):
-            s = torch.stack([self._scale_or_ones(self.halrp_s, t, self.in_features) for t in tasks])
-            x_scaled = x * self.row_view(s[routing.index], x.dim())
-        else:
-            x_scaled = x
-        y = self.scaled_forward(x_scaled, None, None)
-        if any(t in self.halrp_r for t in tasks):
-            r = torch.stack(
-                [self._scale_or_ones(self.halrp_r, t, self.out_features) for t in tasks]
-            )
-            y = y * self.row_view(r[routing.index], y.dim())
-        if any(t in self.halrp_bias for t in tasks):
-            bias = torch.stack(
-                [
-                    self.halrp_bias[t]
-                    if t in self.halrp_bias
-                    else self.weight.new_zeros(self.out_features)
-                    for t in tasks
-                ]
-            )
-            y = y + self.row_view(bias[routing.index], y.dim())
-        for task, rows in zip(tasks, routing.rows, strict=True):
+        s = self._per_row(self.halrp_s, routing, self.in_features, 1.0)
+        y = self.scaled_forward(x if s is None else x * self.row_view(s, x.dim()), None, None)
+        r = self._per_row(self.halrp_r, routing, self.out_features, 1.0)
+        if r is not None:
+            y = y * self.row_view(r, y.dim())
+        bias = self._per_row(self.halrp_bias, routing, self.out_features, 0.0)
+        if bias is not None:
+            y = y + self.row_view(bias, y.dim())
+        for task, rows in zip(routing.tasks, routing.rows, strict=True):
             if self.rank(task):
                 A, B = self.factor(task, "A"), self.factor(task, "B")
                 assert A is not None and B is not None  # a task with a rank holds both factors
                 y = y.index_add(0, rows, self.low_rank_forward(x.index_select(0, rows), A, B))
         return y
 
-    def _scale_or_ones(self, scales: nn.ParameterDict, task: str, size: int) -> Tensor:
-        return scales[task] if task in scales else self.weight.new_ones(size)
+    def _per_row(
+        self, entries: nn.ParameterDict, routing: RowRouting, size: int, missing: float
+    ) -> Tensor | None:
+        """Each row's task's vector from `entries` (rows, size); `missing` for a task without
+        one; None when no task present has one."""
+        if not any(t in entries for t in routing.tasks):
+            return None
+        table = torch.stack(
+            [
+                entries[t] if t in entries else self.weight.new_full((size,), missing)
+                for t in routing.tasks
+            ]
+        )
+        return table[routing.index]
 
     def forward_with_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The base layer's operation with another weight (in the base layout) and bias."""
