@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import halrp_adapt
-from halrp_adapt.handle import estimate as estimate_module
+from halrp_adapt.method import trial as trial_module
 from halrp_adapt.method.losses import default_loss
 from halrp_adapt.method.trial import TRIAL_LRS, backbone_kind
 
@@ -212,7 +212,7 @@ def test_the_trial_trains_only_what_the_task_keeps(monkeypatch):
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     seen = {}
-    real = estimate_module.trial_finetune
+    real = trial_module.trial_finetune
 
     def spy(trial, *args, trainable=None, **kwargs):
         seen["trainable"] = set(trainable)
@@ -222,7 +222,7 @@ def test_the_trial_trains_only_what_the_task_keeps(monkeypatch):
                          if not torch.equal(p, dict(original.named_parameters())[n])}
         return taken
 
-    monkeypatch.setattr(estimate_module, "trial_finetune", spy)
+    monkeypatch.setattr(trial_module, "trial_finetune", spy)
     original = copy.deepcopy(model)
     cl = halrp_adapt.attach(model, budget=0.2)
     cl.add_task("t")
