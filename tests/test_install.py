@@ -235,3 +235,31 @@ def test_recipe_refuses_missing_matplotlib_before_training(tmp_path, monkeypatch
     assert exit_info.value.code == 2
     assert "matplotlib" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_seed_venv_links_planned_distributions_and_points_scripts_at_the_new_venv(tmp_path):
+    """CI's user install is seeded from .venv by hard links; a wrong version is left to pip."""
+    from importlib.metadata import distribution
+
+    seed_venv = load_script(ROOT / "scripts" / "seed_venv.py")
+    tqdm = distribution("tqdm")
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "install": [
+                    {"metadata": {"name": "tqdm", "version": tqdm.version}},
+                    {"metadata": {"name": "Safetensors", "version": "0.0.0-not-held"}},
+                ]
+            }
+        )
+    )
+    target = tmp_path / "venv"
+    seeded, left = seed_venv.seed(plan, target, skip=set())
+    assert (seeded, left) == (1, ["safetensors"])
+
+    module = Path(str(tqdm.locate_file("tqdm/__init__.py"))).resolve()
+    linked = target / module.relative_to(Path(sys.prefix).resolve())
+    assert linked.is_file() and linked.stat().st_ino == module.stat().st_ino
+    first = (target / "bin" / "tqdm").read_text().splitlines()[0]  # tqdm's console script
+    assert first.startswith(f"#!{target.resolve() / 'bin'}") and ".venv" not in first
