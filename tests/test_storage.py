@@ -116,6 +116,22 @@ def test_saving_one_task_leaves_the_others_untouched(tmp_path):
     assert json.loads((tmp_path / INDEX_NAME).read_text())["tasks"] == ["a", "b"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's memory map")
+def test_a_loaded_shelf_keeps_none_of_its_files_mapped_and_takes_a_save_back(tmp_path):
+    """Windows refuses to replace a mapped file; saving back into the shelf a handle was loaded
+    from rewrites each loaded task's files, so loading must copy, never keep a view."""
+    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    learn_task(cl, "a", batches(), num_classes=3)
+    cl.save_pretrained(tmp_path)
+    assert (tmp_path / "a" / SIGNATURE_NAME).exists()
+    loaded = halrp_adapt.load(tiny_cnn(), tmp_path)
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = maps.read()
+    assert str(tmp_path) not in mapped
+    learn_task(loaded, "b", batches(seed=2), num_classes=3)
+    assert loaded.save_pretrained(tmp_path) == ["a", "b"]
+
+
 @pytest.mark.parametrize("budget", [0.05, 0.01])
 def test_bytes_per_task_follow_the_budget(budget, tmp_path):
     model = _resnet()

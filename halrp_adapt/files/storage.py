@@ -368,12 +368,16 @@ def read_signature(root: Path, task: str, trusted: Path | None = None) -> TaskSi
 
 
 def read_tensors(path: Path, trusted: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (never a pickle); a broken file is a ValueError."""
+    """Every tensor of a safetensors file (never a pickle); a broken file is a ValueError.
+
+    The tensors are copies, not views of a memory map of the file: a mapped file cannot be
+    replaced on Windows, and a shelf is saved back into while its loaded tasks are alive.
+    """
     _check_inside(trusted, path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: f.get_tensor(key).clone() for key in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err}).") from None
