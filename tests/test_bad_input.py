@@ -92,6 +92,10 @@ CASES = [
          ValueError, r"`num_classes` must be an int >= 1 or None"),
     Case("add-task-existing", lambda w: w.idle.add_task("a"),
          ValueError, r"task 'a' already exists; existing tasks: \['a'\]"),
+    Case("add-task-device-name", lambda w: w.idle.add_task("nul"),
+         ValueError, r"task name 'nul' is a device name on Windows \(AUX, COM1, .*\)"),
+    Case("add-task-case-twin", lambda w: w.idle.add_task("A"),
+         ValueError, r"task name 'A' differs from existing task 'a' only in case"),
     Case("add-task-while-open", lambda w: w.busy.add_task("c"),
          RuntimeError, r"task 'b' is still in training: call end_task\(\)"),
     # estimate_ranks
@@ -153,6 +157,8 @@ CASES = [
          ValueError, r"`save_directory` .* exists and is not a folder"),
     Case("save-other-backbone", lambda w: _other_handle(w).save_pretrained(w.shelf),
          ValueError, r"`save_directory` .* holds tasks of another backbone"),
+    Case("save-case-twin", lambda w: _case_twin_handle(w).save_pretrained(w.shelf),
+         ValueError, r"task 'A' differs from task 'a' of `save_directory` .* only in case"),
     # load
     Case("load-unknown-task", lambda w: halrp_adapt.load(w.fresh, w.shelf, tasks=["zzz"]),
          ValueError, r"`tasks`: \['zzz'\] are not in .* it holds \['a'\]"),
@@ -206,6 +212,12 @@ def _scorer_of_width(width: int) -> PrototypeScorer:
 def _other_handle(w: World) -> halrp_adapt.HalrpModel:
     cl = halrp_adapt.attach(tiny_cnn(seed=1), budget=0.5)
     learn_task(cl, "z", DATA, num_classes=3)
+    return cl
+
+
+def _case_twin_handle(w: World) -> halrp_adapt.HalrpModel:
+    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    learn_task(cl, "A", DATA, num_classes=3)
     return cl
 
 

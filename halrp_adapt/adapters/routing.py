@@ -8,7 +8,7 @@ adapter layers (one adapter = one task): they find the per-task containers struc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -28,6 +28,49 @@ def check_task_name(name: object) -> str:
             f"task name must be 1-128 characters of letters, digits, '_' or '-', got {name!r}."
         )
     return name
+
+
+# Names Windows reserves for devices in every folder, whatever the case or extension.
+WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10)]
+)
+
+
+def case_twin(name: str, existing: Iterable[str]) -> str | None:
+    """The existing name that differs from `name` only in case, if any.
+
+    macOS and Windows file systems ignore case, so two such tasks would share one folder.
+    """
+    return next((t for t in existing if t != name and t.lower() == name.lower()), None)
+
+
+def check_new_task_name(name: object, existing: Iterable[str]) -> str:
+    """`check_task_name`, plus what a new task needs to be saved on every OS.
+
+    Refuses Windows' device names (CON, NUL, COM1, ...) and a name that differs from an
+    existing task's only in case. Loading does not apply these rules, so shelves made before
+    them still load.
+
+    >>> check_new_task_name("cats", existing=["dogs"])
+    'cats'
+    """
+    checked = check_task_name(name)
+    existing = list(existing)
+    if checked in existing:
+        raise ValueError(f"task {checked!r} already exists; existing tasks: {existing}.")
+    if checked.upper() in WINDOWS_RESERVED:
+        raise ValueError(
+            f"task name {checked!r} is a device name on Windows "
+            f"({', '.join(sorted(WINDOWS_RESERVED))}, any case), so its folder could not be "
+            "saved or loaded there; choose another name."
+        )
+    twin = case_twin(checked, existing)
+    if twin is not None:
+        raise ValueError(
+            f"task name {checked!r} differs from existing task {twin!r} only in case; on "
+            "macOS and Windows both would share one folder. Choose another name."
+        )
+    return checked
 
 
 @dataclass(frozen=True)

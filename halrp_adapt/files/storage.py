@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .._version import __version__
-from ..adapters.routing import check_task_name
+from ..adapters.routing import case_twin, check_task_name
 from ..config import FORMAT_VERSION, HalrpConfig
 from ..method.task_signature import TaskSignature
 from .serialization import backbone_fingerprint, backbone_state, task_state_dict
@@ -159,6 +159,14 @@ def save_pretrained(
                 f"{index['backbone']['fingerprint'][:12]}...); save into a new "
                 "folder."
             )
+        for name in names:
+            twin = case_twin(name, index["tasks"])
+            if twin is not None:
+                raise ValueError(
+                    f"task {name!r} differs from task {twin!r} of `save_directory` "
+                    f"{str(root)!r} only in case; on macOS and Windows both would share one "
+                    "folder. Save into another folder, or rename the task."
+                )
         if (
             any(handle._tasks[t].trains_base for t in handle.tasks)
             and not (root / BASE_NAME).exists()

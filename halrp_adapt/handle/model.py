@@ -29,7 +29,7 @@ from ..adapters.heads import TaskHead, find_head
 from ..adapters.layers import HalrpLayer
 from ..adapters.norms import TaskNorm
 from ..adapters.registry import adapter_class_for
-from ..adapters.routing import TaskRouted, check_task_name
+from ..adapters.routing import TaskRouted, check_new_task_name, check_task_name
 from ..adapters.targets import select_norms, select_scaled, select_targets
 from ..config import HalrpConfig
 from ..files.export import save_merged
@@ -195,9 +195,7 @@ class HalrpModel(nn.Module):
         `num_classes` sizes the task's head; None copies the backbone's head as it is.
         The new task becomes active and is the only one with trainable parameters.
         """
-        check_task_name(name)
-        if name in self._tasks:
-            raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
+        check_new_task_name(name, self.tasks)
         if self.open_task is not None:
             raise RuntimeError(
                 f"task {self.open_task!r} is still in training: call end_task() before add_task()."
