@@ -674,7 +674,7 @@ def main() -> str:
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
     text = "\n".join(parts)
-    (HERE / "README.md").write_text(text)
+    (HERE / "README.md").write_text(text, encoding="utf-8")
     return text
 
 

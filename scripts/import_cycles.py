@@ -27,7 +27,7 @@ def module_files(root: Path) -> dict[str, Path]:
 
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
     """(run-time imports, type-only imports) of one module, as module names of the package."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     type_only = {
         id(node)
         for block in ast.walk(tree)

@@ -29,7 +29,7 @@ def _canonical(name: str) -> str:
 
 
 def _planned(report_path: Path) -> dict[str, str]:
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     return {
         _canonical(item["metadata"]["name"]): item["metadata"]["version"]
         for item in report["install"]

@@ -79,6 +79,29 @@ def test_optional_imports_name_what_to_install():
         assert module in text and ("pip install" in text or "setup.sh" in text), (module, path)
 
 
+def _text_io_without_encoding(path: Path) -> list[str]:
+    """Calls that read or write text in the locale's encoding (cp1252 on Windows)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
+            found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(func, ast.Name) and func.id == "open":
+            mode = node.args[1] if len(node.args) > 1 else None
+            mode = mode or next((k.value for k in node.keywords if k.arg == "mode"), None)
+            text = not (isinstance(mode, ast.Constant) and "b" in str(mode.value))
+            if text:
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_text_files_are_read_and_written_as_utf8():
+    paths = [*(ROOT / "halrp_adapt").rglob("*.py"), *(ROOT / "recipes").rglob("*.py")]
+    assert [hit for p in paths for hit in _text_io_without_encoding(p)] == []
+
+
 def test_package_works_without_fcntl(tmp_path):
     """As on Windows: no fcntl module and no os.O_NOFOLLOW; save, load, and lock a shelf."""
     script = f"""

@@ -97,3 +97,15 @@ def test_dataset_without_a_label_column(capsys, tmp_path):
 def test_class_order_that_is_not_a_permutation(capsys, tmp_path):
     _fails("vit_split_imagenet", ["--class-order", "0,1,2"],
            "`class_order` must be a permutation of 0..9", capsys, tmp_path)
+
+
+def test_output_dir_with_no_existing_ancestor_is_an_error_not_a_hang(monkeypatch, capsys):
+    """Windows: `--output-dir Z:\\runs` on a missing drive; Path.exists is False up to the root."""
+    import argparse
+
+    from halrp_adapt.training.recipes import check_output_dir
+
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    with pytest.raises(SystemExit):
+        check_output_dir(argparse.ArgumentParser(prog="recipe"), "Z/runs")
+    assert "neither it nor any folder above it exists" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def push_to_hub(
             pass
         names = save_pretrained(handle, root, tasks=tasks, dtype=dtype)
         index = read_index(root)
-        (root / "README.md").write_text(model_card(handle, index))
+        (root / "README.md").write_text(model_card(handle, index), encoding="utf-8")
         uploads = [INDEX_NAME, "README.md"] + [
             f"{n}/{f.name}" for n in names for f in sorted((root / n).iterdir())
         ]

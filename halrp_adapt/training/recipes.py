@@ -118,8 +118,11 @@ def add_training_args(
 def check_output_dir(parser: argparse.ArgumentParser, path: str) -> None:
     target = Path(path).resolve()
     existing = target
-    while not existing.exists():
+    # A missing drive (Windows: `Z:\runs`) has no existing ancestor: its root is its own parent.
+    while not existing.exists() and existing.parent != existing:
         existing = existing.parent
+    if not existing.exists():
+        parser.error(f"--output-dir {path}: neither it nor any folder above it exists")
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         parser.error(f"--output-dir {path}: {existing} is not a writable folder")
 

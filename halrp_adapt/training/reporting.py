@@ -315,7 +315,7 @@ def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
 
     finals = []
     for run in run_dirs:
-        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        metrics = json.loads((Path(run) / "metrics.json").read_text(encoding="utf-8"))
         final = metrics["matrix"][-1]
         finals.append(
             {
@@ -326,8 +326,10 @@ def order_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
     result: dict[str, Any] = {"runs": [str(r) for r in run_dirs], **order_robustness(finals)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "order_robustness.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(out / "order_robustness.csv", "w", newline="") as f:
+    (out / "order_robustness.json").write_text(
+        json.dumps(result, indent=2) + "\n", encoding="utf-8"
+    )
+    with open(out / "order_robustness.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["task_classes"] + [f"order{i}" for i in range(len(finals))] + ["OPD"])
         for identity, opd in result["OPD"].items():

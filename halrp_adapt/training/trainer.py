@@ -91,7 +91,7 @@ class RunState:
 
     @classmethod
     def read(cls, path: Path) -> RunState:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         return cls(
             finished=list(data["finished"]),
             matrix=[list(r) for r in data["matrix"]],
