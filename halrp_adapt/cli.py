@@ -115,42 +115,44 @@ def _inspect(args: argparse.Namespace) -> int:
         read_index,
         read_signature,
         read_task_config,
+        shared_index_lock,
     )
 
     root, trusted = resolve_source(args.source, None, args.revision)
-    index = read_index(root, trusted)
-    tasks = {}
-    for task in index["tasks"]:
-        config = read_task_config(root, task, trusted)
-        info = index["task_info"].get(task, {})
-        signature = read_signature(root, task, trusted)
-        files = [
-            n for n in (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME) if (root / task / n).exists()
-        ]
-        tasks[task] = {
-            "num_classes": config.num_classes,
-            "growth": info.get("growth"),
-            "bytes": sum((root / task / n).stat().st_size for n in files),
-            "signature": None
-            if signature is None
-            else {
-                "features": signature.features,
-                "dim": signature.dim,
-                "scatter_rank": signature.rank,
-                "prototypes": int((signature.counts > 0).sum()),
-                "samples": signature.num_samples,
-                "bytes": (root / task / SIGNATURE_NAME).stat().st_size,
-            },
-            "ranks": dict(config.rank_pattern or {}),
-            "metrics": dict(config.metrics or {}),
+    with shared_index_lock(root):  # a save running meanwhile is seen whole or not at all
+        index = read_index(root, trusted)
+        tasks = {}
+        for task in index["tasks"]:
+            config = read_task_config(root, task, trusted)
+            info = index["task_info"].get(task, {})
+            signature = read_signature(root, task, trusted)
+            files = [
+                n for n in (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME) if (root / task / n).exists()
+            ]
+            tasks[task] = {
+                "num_classes": config.num_classes,
+                "growth": info.get("growth"),
+                "bytes": sum((root / task / n).stat().st_size for n in files),
+                "signature": None
+                if signature is None
+                else {
+                    "features": signature.features,
+                    "dim": signature.dim,
+                    "scatter_rank": signature.rank,
+                    "prototypes": int((signature.counts > 0).sum()),
+                    "samples": signature.num_samples,
+                    "bytes": (root / task / SIGNATURE_NAME).stat().st_size,
+                },
+                "ranks": dict(config.rank_pattern or {}),
+                "metrics": dict(config.metrics or {}),
+            }
+        summary = {
+            "source": str(args.source),
+            "backbone": index["backbone"],
+            "library_version": index.get("library_version"),
+            "budget": index["options"].get("budget"),
+            "tasks": tasks,
         }
-    summary = {
-        "source": str(args.source),
-        "backbone": index["backbone"],
-        "library_version": index.get("library_version"),
-        "budget": index["options"].get("budget"),
-        "tasks": tasks,
-    }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

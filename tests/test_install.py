@@ -177,6 +177,33 @@ def test_readers_share_the_lock_and_writers_exclude(tmp_path):
     assert (tmp_path / LOCK_NAME).stat().st_size == 0
 
 
+@pytest.mark.parametrize("reader", ["verify", "inspect"])
+def test_verify_and_inspect_wait_for_a_save_in_progress(reader, tmp_path, capsys):
+    """A writer replacing files under the index lock is never read half-done."""
+    from halrp_adapt.cli import main as cli
+    from halrp_adapt.files.verify import verify_shelf
+
+    cl = halrp_adapt.attach(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)),
+                            budget=0.9)
+    cl.add_task("a")
+    cl.end_task()
+    cl.save_pretrained(tmp_path)
+    events: list[str] = []
+
+    def read() -> None:
+        events.append("read start")
+        verify_shelf(tmp_path) if reader == "verify" else cli(["inspect", str(tmp_path)])
+        events.append("read done")
+
+    with index_lock(tmp_path):
+        thread = threading.Thread(target=read)
+        thread.start()
+        time.sleep(0.5)
+        events.append("write done")
+    thread.join()
+    assert events == ["read start", "write done", "read done"]
+
+
 def test_lock_file_that_is_no_lock_is_refused(tmp_path):
     (tmp_path / LOCK_NAME).write_bytes(b"not a lock, a planted file" * 100)
     with pytest.raises(ValueError, match="is not a lock file"):

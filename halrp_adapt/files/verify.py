@@ -19,6 +19,7 @@ from .storage import (
     read_signature,
     read_task_config,
     read_tensors,
+    shared_index_lock,
 )
 
 
@@ -50,6 +51,11 @@ def verify_shelf(root: str | Path, trusted: Path | None = None) -> Verification:
         True
     """
     root = Path(root)
+    with shared_index_lock(root):  # a save running meanwhile is seen whole or not at all
+        return _verify(root, trusted)
+
+
+def _verify(root: Path, trusted: Path | None) -> Verification:
     result = Verification()
     try:
         index = read_index(root, trusted)
