@@ -134,8 +134,10 @@ def estimate_task(
     residuals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            w_free = layer.canonical(trial_modules[name].weight.detach())
-            w_base = layer.canonical(layer.weight.detach())
+            # float64 steps that Apple's MPS lacks run on the CPU there (set_* copies back).
+            work = "cpu" if layer.weight.device.type == "mps" else layer.weight.device
+            w_free = layer.canonical(trial_modules[name].weight.detach()).to(work)
+            w_base = layer.canonical(layer.weight.detach()).to(work)
             if task in layer.halrp_r:
                 r, s = fit_scales(w_free, w_base, layer.groups)
                 layer.set_scales(task, r, s)
