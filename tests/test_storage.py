@@ -276,6 +276,34 @@ def test_another_backbone_cannot_save_into_a_shelf(shelf):
     assert not (shelf / "c").exists()
 
 
+@pytest.mark.parametrize("busy_for", [2, 99])
+def test_a_file_held_open_for_a_moment_is_replaced_after_a_wait(busy_for, tmp_path, monkeypatch):
+    """Windows: a replace fails while another process holds the file open; retried, then
+    given up with the error, the temporary file removed."""
+    from halrp_adapt.files import storage
+
+    monkeypatch.setattr(storage, "REPLACE_RETRIES", 3)
+    monkeypatch.setattr(storage, "REPLACE_WAIT_S", 0.0)
+    real_replace, calls = os.replace, []
+
+    def busy(src, dst):
+        calls.append(dst)
+        if len(calls) <= busy_for:
+            raise PermissionError(13, "The process cannot access the file (simulated)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    target = tmp_path / "f.bin"
+    if busy_for < 3:
+        storage.atomic_write(target, lambda f: f.write(b"new"))
+        assert target.read_bytes() == b"new" and len(calls) == busy_for + 1
+    else:
+        with pytest.raises(PermissionError, match="simulated"):
+            storage.atomic_write(target, lambda f: f.write(b"new"))
+        assert len(calls) == 4 and not target.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_crash_during_save_keeps_earlier_tasks(shelf, monkeypatch):
     cl = halrp_adapt.load(tiny_cnn(), shelf)
     learn_task(cl, "c", batches(seed=4), num_classes=3)

@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,10 @@ SIGNATURE_NAME = "task_signature.safetensors"
 BASE_NAME = "base_model.safetensors"
 LOCK_NAME = ".halrp.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Windows refuses to replace a file another process has open for a moment (a virus scanner, the
+# search indexer, a reader without the lock): retry for about a second before giving up.
+REPLACE_RETRIES = 10 if sys.platform == "win32" else 0
+REPLACE_WAIT_S = 0.1
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -58,11 +64,22 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _replace(tmp: str, path: Path) -> None:
+    for attempt in range(REPLACE_RETRIES + 1):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if attempt == REPLACE_RETRIES:
+                raise
+            time.sleep(REPLACE_WAIT_S)
 
 
 def _bytes_writer(data: bytes) -> Callable[[Any], None]:
