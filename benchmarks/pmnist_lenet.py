@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,16 @@ def targets_of(ours: dict, anchor: dict) -> dict[str, bool]:
             "wall_time_at_most_0.3x": ours["wall_s"] <= 0.3 * anchor["wall_s"]}
 
 
+def _children_peak_rss_gb() -> float:
+    """Peak RSS of the finished child processes; NaN on Windows, which has no `resource`."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes there, KiB here
+
+
 def run(argv: list[str], out: Path) -> tuple[dict, float, float]:
     """Run the recipe in a child process; return (metrics, wall seconds, peak RSS in GB)."""
     command = [sys.executable, str(ROOT / "recipes" / "pmnist_lenet.py"), "--no-progress",
@@ -64,7 +73,7 @@ def run(argv: list[str], out: Path) -> tuple[dict, float, float]:
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    peak_gb = _children_peak_rss_gb()
     return json.loads((out / "metrics.json").read_text()), wall, peak_gb
 
 

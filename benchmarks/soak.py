@@ -14,13 +14,13 @@ import gc
 import hashlib
 import json
 import platform
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil  # accelerate requires it: RSS on every OS
 import timm
 import torch
 from torch import nn
@@ -48,8 +48,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"small_cnn": small_cnn, "small_vit
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _digest(handle: halrp_adapt.HalrpModel, task: str) -> str:

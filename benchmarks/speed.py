@@ -282,7 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = [(256, 256)] if q else [(384, 1152), (768, 3072), (1024, 4096), (2048, 2048),
                                       (4096, 4096)]
     out["svd"] = study_svd(shapes, 100 if not q else 20, 1 if q else 3)
-    out["peak_memory"] = [study_peak_memory(configs[-1][0], *configs[-1][1:], args.threads)]
+    # The peak is Linux's VmHWM, reset after the warm-up through /proc: no such reset elsewhere.
+    if sys.platform.startswith("linux"):
+        out["peak_memory"] = [study_peak_memory(configs[-1][0], *configs[-1][1:], args.threads)]
+    else:
+        out["peak_memory"] = []
+        print(f"peak memory: not measured on {sys.platform} (reads and resets Linux's VmHWM)")
     targets = {
         "train_step_at_most_1.10x": all(s["train_ratio"] <= 1.10 for s in out["steps"]),
         "merged_inference_about_1.00x": all(abs(s["merged_vs_plain"] - 1) <= 0.05
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         "estimation_at_most_0.20x_trial_vit_s_b": all(
             e["estimation_over_trial_default"] <= 0.20 for e in out["estimation"]
             if "tiny" not in e["model"]),
-        "peak_rss_at_most_1.10x": all(m["ratio"] <= 1.10 for m in out["peak_memory"])}
+        "peak_rss_at_most_1.10x": all(m["ratio"] <= 1.10 for m in out["peak_memory"])
+        if out["peak_memory"] else None}
     out["targets"] = targets
     for s in out["steps"]:
         print(f"{s['model']:<24} train HALRP/LoRA {s['train_ratio']:.3f}   merged/plain "

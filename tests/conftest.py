@@ -56,6 +56,11 @@ def online(hub, monkeypatch, tmp_path):
     return hub
 
 
+# `Popen.kill()`: SIGKILL on POSIX (the return code is its negative), TerminateProcess with
+# exit code 1 on Windows, which has no SIGKILL.
+KILLED_RETURNCODE = 1 if os.name == "nt" else -9
+
+
 def load_script(path) -> "types.ModuleType":
     """Import a script (a recipe, example or benchmark) by its path, as a module."""
     import importlib.util

@@ -4,7 +4,6 @@ share one shelf without losing a task, and a reader never sees a half-written sh
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import halrp_adapt
 from halrp_adapt.files.storage import read_index
 
-from conftest import tiny_cnn
+from conftest import KILLED_RETURNCODE, tiny_cnn
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -55,9 +54,9 @@ def test_kill_during_save_keeps_every_saved_task(tmp_path, saves_before_kill, de
         assert line, writer.stderr.read()[-2000:]
         lines.append(line)
     time.sleep(delay)  # land somewhere inside the next save
-    writer.send_signal(signal.SIGKILL)
+    writer.kill()
     writer.wait()
-    assert writer.returncode == -signal.SIGKILL
+    assert writer.returncode == KILLED_RETURNCODE
     tasks = _check_shelf(shelf, _saved(lines))
     assert len(tasks) >= min(saves_before_kill, 4)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 
 from halrp_adapt.training.metrics import (average_accuracy, backward_transfer, forgetting,
                                  order_robustness)
+
+from conftest import KILLED_RETURNCODE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "continual_run.py"
@@ -94,11 +95,11 @@ def test_resume_after_a_kill_in_the_middle_of_a_task(single_run, tmp_path):
     killed = False
     for line in process.stdout:
         if line.startswith("[task1] ranks estimated"):  # task0 saved, task1 in training
-            process.send_signal(signal.SIGKILL)
+            process.kill()
             killed = True
             break
     process.wait(timeout=120)
-    assert killed and process.returncode == -signal.SIGKILL
+    assert killed and process.returncode == KILLED_RETURNCODE
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["finished"] == ["task0"]
     done = subprocess.run([PYTHON, str(SCRIPT), str(out), *CI], capture_output=True,
