@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 stamp=.venv/.halrp-setup
-want=$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+# The hash of both files, by Python: macOS has no sha256sum.
+want=$("$PYTHON" -c 'import hashlib, sys
+print(hashlib.sha256(b"".join(open(p, "rb").read() for p in sys.argv[1:])).hexdigest())' \
+  scripts/setup.sh pyproject.toml)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
