@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+from packaging.utils import canonicalize_name as _canonical  # .venv has it (accelerate's)
 
 
 def _planned(report_path: Path) -> dict[str, str]:
@@ -41,12 +38,10 @@ def _place(source: Path, target: Path, source_prefix: Path, target_prefix: Path)
     if target.exists():
         return
     if source.parent.name == "bin":
-        head = source.read_bytes()[:2]
-        if head == b"#!":
-            text = source.read_bytes().replace(
-                os.fsencode(source_prefix / "bin"), os.fsencode(target_prefix / "bin")
-            )
-            target.write_bytes(text)
+        script = source.read_bytes()
+        if script.startswith(b"#!"):
+            old, new = (os.fsencode(prefix / "bin") for prefix in (source_prefix, target_prefix))
+            target.write_bytes(script.replace(old, new))
             shutil.copymode(source, target)
             return
     try:

@@ -132,6 +132,23 @@ def test_a_loaded_shelf_keeps_none_of_its_files_mapped_and_takes_a_save_back(tmp
     assert loaded.save_pretrained(tmp_path) == ["a", "b"]
 
 
+def test_a_shelf_saved_before_the_portable_name_rules_still_loads(tmp_path, monkeypatch):
+    """`nul` and a case-only twin are refused for new tasks, never for saved ones."""
+    from halrp_adapt.adapters import routing
+    from halrp_adapt.handle import model as handle_model
+
+    monkeypatch.setattr(handle_model, "check_new_task_name",
+                        lambda name, existing: routing.check_task_name(name))
+    cl = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    for seed, name in enumerate(["nul", "a", "A"]):
+        learn_task(cl, name, batches(seed=seed), num_classes=3)
+    cl.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="device name on Windows"):
+        halrp_adapt.attach(tiny_cnn(), budget=0.5).add_task("nul")
+    assert halrp_adapt.load(tiny_cnn(), tmp_path).tasks == ["nul", "a", "A"]
+
+
 @pytest.mark.parametrize("budget", [0.05, 0.01])
 def test_bytes_per_task_follow_the_budget(budget, tmp_path):
     model = _resnet()
