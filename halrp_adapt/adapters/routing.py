@@ -40,6 +40,9 @@ def case_twin(name: str, existing: Iterable[str]) -> str | None:
     """The existing name that differs from `name` only in case, if any.
 
     macOS and Windows file systems ignore case, so two such tasks would share one folder.
+
+    >>> case_twin("TaskA", ["taska", "b"])
+    'taska'
     """
     return next((t for t in existing if t != name and t.lower() == name.lower()), None)
 

@@ -113,7 +113,11 @@ def backbone_state(model: nn.Module, head: str | None = None) -> dict[str, Tenso
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 (`fully_shard`) wraps any module of `model`."""
+    """Whether FSDP2 (`fully_shard`) wraps any module of `model`.
+
+    >>> is_sharded(torch.nn.Linear(2, 2))
+    False
+    """
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
