@@ -155,6 +155,15 @@ class HalrpConfig(PeftConfig):
             "protocol); later tasks get adapters."
         },
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: a new task starts as the backbone (identity scales, the base's "
+            "biases, no factors). False: it starts away from it, with random scales near 1, "
+            "perturbed biases and random rank-2 factors, for tests (PEFT's convention). "
+            "estimate_ranks replaces all of these."
+        },
+    )
 
     # ---- per task: written by save_pretrained, read when a task is loaded ----------------------
     num_classes: int | None = field(
@@ -212,6 +221,9 @@ class HalrpConfig(PeftConfig):
             )
         if self.signature_rank is not None:
             _check_int("signature_rank", self.signature_rank, minimum=1)
+        for name in ("task_heads", "train_base", "init_weights", "trains_base"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.fisher not in FISHER_METHODS:
             raise ValueError(f"`fisher` must be one of {FISHER_METHODS}, got {self.fisher!r}.")
         if self.svd not in SVD_METHODS:
@@ -253,6 +265,17 @@ class HalrpConfig(PeftConfig):
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.option_names()}
 
+
+# Options that decide which modules get wrapped, once, when the first task is added: every task
+# of a model shares them (a PEFT adapter whose config asks for others is refused).
+STRUCTURAL_OPTIONS = (
+    "target_modules",
+    "exclude_modules",
+    "head_module",
+    "task_heads",
+    "train_base",
+    "task_signature",
+)
 
 TASK_FIELDS = (
     "num_classes",

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from .routing import TaskRouted
+from .routing import TaskRouted, call_in_own_dtype
 
 HF_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "head", "fc", "last")
 
@@ -94,7 +94,23 @@ class TaskHead(TaskRouted):
         super().__init__()
         self.base_layer = base_layer
         self.halrp_head = nn.ModuleDict()
-        self.in_features = in_features
+        self._given_in_features = in_features
+
+    @property
+    def in_features(self) -> int | None:
+        """Width of the features the head reads (PEFT's adapter layers expose it)."""
+        if self._given_in_features is not None:
+            return self._given_in_features
+        first = next((m for m in self.base_layer.modules() if isinstance(m, nn.Linear)), None)
+        return first.in_features if first is not None else None
+
+    @property
+    def out_features(self) -> int | None:
+        """Classes of the routed task's head (the base head's when no task is routed)."""
+        task = self.routed_task
+        head = self.base_layer if task is None else self.halrp_head[task]
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else None
 
     def add_task(self, task: str, num_classes: int | None) -> None:
         self.halrp_head[task] = new_head(self.base_layer, num_classes, self.in_features)
@@ -118,5 +134,6 @@ class TaskHead(TaskRouted):
         if self.row_routing is not None:
             return self.forward_rows(self.halrp_head, args, kwargs, pad_last=True)
         task = self.routed_task
-        head = self.base_layer if task is None else self.halrp_head[task]
-        return head(*args, **kwargs)
+        if task is None:
+            return self.base_layer(*args, **kwargs)
+        return call_in_own_dtype(self.halrp_head[task], args, kwargs)

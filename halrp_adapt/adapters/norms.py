@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .routing import TaskRouted
+from .routing import TaskRouted, call_in_own_dtype
 
 
 class TaskNorm(TaskRouted):
@@ -47,5 +47,23 @@ class TaskNorm(TaskRouted):
         if self.row_routing is not None:
             return self.forward_rows(self.halrp_norm, args, kwargs)
         task = self.routed_task
-        norm = self.base_layer if task is None else self.halrp_norm[task]
-        return norm(*args, **kwargs)
+        if task is None:
+            return self.base_layer(*args, **kwargs)
+        return call_in_own_dtype(self.halrp_norm[task], args, kwargs)
+
+    @property
+    def in_features(self) -> int | None:
+        """Channels normalised (PEFT's adapter layers expose in/out features)."""
+        base = self.base_layer
+        for attr in ("num_features", "num_channels", "hidden_size"):
+            if isinstance(getattr(base, attr, None), int):
+                return getattr(base, attr)
+        shape = getattr(base, "normalized_shape", None)
+        if shape:
+            return int(shape[-1])
+        weight = getattr(base, "weight", None)
+        return int(weight.shape[0]) if weight is not None else None
+
+    @property
+    def out_features(self) -> int | None:
+        return self.in_features

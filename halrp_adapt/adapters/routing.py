@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
@@ -81,10 +83,11 @@ class RowRouting:
     """One forward of a batch whose rows belong to different tasks (`forward_tasks`).
 
     `index[i]` is the position in `tasks` of row i's task; `rows[j]` lists the rows of
-    `tasks[j]`; heads of different widths pad their rows with `fill_value`.
+    `tasks[j]`; a task None stands for rows that run through the backbone alone (PEFT's
+    "__base__"); heads of different widths pad their rows with `fill_value`.
     """
 
-    tasks: list[str]
+    tasks: list[str | None]
     index: Tensor
     rows: list[Tensor]
     fill_value: float = float("-inf")
@@ -107,11 +110,26 @@ class RowRoutingUnsupported(RuntimeError):
     the batch dimension, e.g. windowed attention): the mixed batch must run task by task."""
 
 
+def call_in_own_dtype(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """`module(*args, **kwargs)`, with a floating first input cast to the module's dtype and a
+    tensor output cast back: a task's float32 norm or head copy inside a half-precision model."""
+    x = args[0] if args else None
+    own = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if not isinstance(x, Tensor) or not x.is_floating_point() or own is None or own == x.dtype:
+        return module(*args, **kwargs)
+    out = module(x.to(own), *args[1:], **kwargs)
+    return out.to(x.dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
+
+
 def per_task_rows(
-    routing: RowRouting, x: Tensor, fn: Callable[[str, Tensor], Tensor], pad_last: bool = False
+    routing: RowRouting,
+    x: Tensor,
+    fn: Callable[[str | None, Tensor], Tensor],
+    pad_last: bool = False,
 ) -> Tensor:
-    """Run `fn(task, rows of x)` for each task present and put the results back in row order;
-    with `pad_last`, shorter last dimensions are padded with `routing.fill_value`."""
+    """Run `fn(task, rows of x)` for each task present (None: rows of no task, which run
+    through the backbone) and put the results back in row order; with `pad_last`, shorter last
+    dimensions are padded with `routing.fill_value`."""
     pieces = [
         (rows, fn(task, x.index_select(0, rows)))
         for task, rows in zip(routing.tasks, routing.rows, strict=True)
@@ -161,16 +179,47 @@ class TaskRouted(nn.Module, BaseTunerLayer):
     def forward_rows(
         self, copies: nn.ModuleDict, args: tuple, kwargs: dict, pad_last: bool = False
     ) -> Tensor:
-        """Under `row_routing`, each task's own module of `copies` on its rows of `args[0]`."""
+        """Under `row_routing`, each task's own module of `copies` on its rows of `args[0]`
+        (the base module on rows of no task)."""
         routing = self.row_routing
         assert routing is not None  # called only while a mixed batch is routed by rows
         routing.check(args[0], type(self).__name__)
+        base = cast(nn.Module, self.base_layer)
         return per_task_rows(
             routing,
             args[0],
-            lambda task, x: copies[task](x, *args[1:], **kwargs),
+            lambda task, x: call_in_own_dtype(
+                base if task is None else copies[task], (x, *args[1:]), kwargs
+            ),
             pad_last=pad_last,
         )
+
+    def cast_task(self, task: str, dtypes: tuple[torch.dtype, ...], to: torch.dtype) -> None:
+        """Cast the task's floating tensors of one of `dtypes` to `to`."""
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if task not in container:
+                continue
+            entry = container[task]
+            if isinstance(entry, nn.Module):
+                if any(p.dtype in dtypes for p in entry.parameters()):
+                    entry.to(to)
+            elif entry.dtype in dtypes:
+                container[task] = nn.Parameter(entry.detach().to(to), entry.requires_grad)
+
+    def move_task(self, task: str, device: torch.device) -> None:
+        """Move the task's tensors to `device` (e.g. "meta", for a loader that assigns them)."""
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if task not in container:
+                continue
+            entry = container[task]
+            if isinstance(entry, nn.Module):
+                entry.to(device)
+            elif isinstance(entry, nn.Parameter):
+                container[task] = nn.Parameter(entry.detach().to(device), entry.requires_grad)
+            else:
+                container[task] = entry.to(device)
 
     def set_active_task(self, task: str | None) -> None:
         self.active_task = task

@@ -172,3 +172,61 @@ def _take(value: Any, rows: Tensor, batch: int) -> Any:
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return value.index_select(0, rows.to(value.device))
     return value
+
+
+BASE = "__base__"  # PEFT's name for rows that run through the backbone alone
+
+
+@contextlib.contextmanager
+def rows_routed_by_adapter(
+    handle: HalrpModel, adapter_names: Any, args: tuple, kwargs: dict, training: bool
+) -> Iterator[None]:
+    """PEFT's `adapter_names=[...]` (one adapter name per sample, "__base__" for the backbone):
+    every forward inside the block (a whole `generate` too) routes each row through its own
+    task in one pass. PEFT's errors: training mode, a name that is no adapter, a list whose
+    length is not the batch's. With beam search (`num_beams` > 1) each name covers its beams."""
+    if training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+    names = list(adapter_names)
+    unknown = sorted({n for n in names if n != BASE and n not in handle.tasks})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    batch = _first_batch_size(args, kwargs)
+    if batch is not None and batch != len(names):
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(names)} and {batch} respectively."
+        )
+    beams = kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        names = [n for n in names for _ in range(beams)]
+    present: list[str | None] = []
+    for n in names:
+        task = None if n == BASE else n
+        if task not in present:
+            present.append(task)
+    device = _input_device(args, kwargs)
+    index = torch.tensor([present.index(None if n == BASE else n) for n in names])
+    routing = RowRouting(
+        tasks=present,
+        index=index.to(device),
+        rows=[torch.nonzero(index == i).squeeze(1).to(device) for i in range(len(present))],
+    )
+    try:
+        with _routed_by_rows(handle, routing):
+            yield
+    except RowRoutingUnsupported as error:
+        raise ValueError(
+            f"`adapter_names` needs every adapted layer to see the batch's rows: {error}. Run "
+            "each adapter's samples in their own batch (set_adapter), or halrp.forward_tasks("
+            "..., strategy='grouped')."
+        ) from error
+
+
+def _first_batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None

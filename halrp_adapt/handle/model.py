@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+from accelerate import init_empty_weights
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -90,7 +91,9 @@ class HalrpModel(nn.Module):
         torch.Size([2, 3])
     """
 
-    def __init__(self, model: nn.Module, config: HalrpConfig) -> None:
+    def __init__(
+        self, model: nn.Module, config: HalrpConfig, autocast_adapter_dtype: bool = True
+    ) -> None:
         super().__init__()
         if any(isinstance(m, TaskRouted) for m in model.modules()):
             raise ValueError(
@@ -98,8 +101,14 @@ class HalrpModel(nn.Module):
                 "add_task for new tasks."
             )
         self.model = model
-        self.config = config
+        # The handle's own copy: what its tasks start from. Nothing HALRP does changes the
+        # caller's object (each task keeps its own copy too, in TaskInfo.config).
+        self.config = copy.deepcopy(config)
+        # Half-precision backbones get float32 task tensors (PEFT's autocast_adapter_dtype):
+        # a scale of 1 cannot move by less than 2**-8 in bfloat16.
+        self.autocast_adapter_dtype = autocast_adapter_dtype
         self._tasks: dict[str, TaskInfo] = {}
+        self._open: str | None = None  # the task being trained, if any
         self._trainable: list[nn.Parameter] = []  # the open task's, while it trains
         self._warned_uncalibrated = False
         head = find_head(model, config.head_module)
@@ -109,6 +118,8 @@ class HalrpModel(nn.Module):
         else:
             head_is_shared = not config.task_heads
         self.head_name = head
+        # The model's modules as attached: what a later PEFT adapter's options are checked on.
+        self._attached_modules = list(model.named_modules())
         targets = select_targets(model, head, config.target_modules, config.exclude_modules)
         norms = select_norms(model, head, targets)
         self._scaled_layers = set(select_scaled(targets, config.scale_modules))
@@ -149,7 +160,13 @@ class HalrpModel(nn.Module):
     @property
     def open_task(self) -> str | None:
         """The task being trained (added, not yet ended), if any."""
-        return next((n for n, t in self._tasks.items() if not t.finished), None)
+        return self._open
+
+    @property
+    def unfinished_tasks(self) -> list[str]:
+        """Tasks added and not yet ended: the open one and, through PEFT, adapters added
+        beside it (`add_adapter`) that wait for `set_adapter` to be trained."""
+        return [n for n, t in self._tasks.items() if not t.finished]
 
     @property
     def backbone_trained_here(self) -> bool:
@@ -185,7 +202,14 @@ class HalrpModel(nn.Module):
     def _require_open(self, action: str) -> TaskInfo:
         task = self.open_task
         if task is None:
-            raise RuntimeError(f"{action} needs a task in training: call add_task(name) first.")
+            waiting = self.unfinished_tasks
+            hint = (
+                f"set_adapter({waiting[0]!r}) trains an unfinished task again"
+                if waiting
+                else "call add_task(name) first (through PEFT: add_adapter(name, config), "
+                "then set_adapter(name))"
+            )
+            raise RuntimeError(f"{action} needs a task in training: {hint}.")
         return self._tasks[task]
 
     # ---- the task life cycle -----------------------------------------------------------------
@@ -200,6 +224,21 @@ class HalrpModel(nn.Module):
             raise RuntimeError(
                 f"task {self.open_task!r} is still in training: call end_task() before add_task()."
             )
+        self._add_new_task(
+            name, self.config, num_classes, open_it=True, autocast=self.autocast_adapter_dtype
+        )
+
+    def _add_new_task(
+        self,
+        name: str,
+        options: HalrpConfig,
+        num_classes: int | None,
+        open_it: bool,
+        autocast: bool,
+        low_cpu_mem_usage: bool = False,
+    ) -> HalrpConfig:
+        """A new task to train, with `options` (a copy is the task's own config); open and
+        routed when `open_it`, else waiting, frozen and not routed."""
         head = self.task_head()
         if num_classes is not None:
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -212,14 +251,10 @@ class HalrpModel(nn.Module):
                     "num_classes=None."
                 )
         trains_base = self.config.train_base and not self._tasks
-        for layer_name, layer in self.adapter_layers().items():
-            layer.add_task(name, scales=not trains_base and layer_name in self._scaled_layers)
-        for norm in self.task_norms().values():
-            norm.add_task(name)
-        if head is not None:
-            head.add_task(name, num_classes)
+        scaled = set(select_scaled(list(self.adapter_layers()), options.scale_modules))
+        self._add_skeleton(name, options, scaled, trains_base, num_classes, low_cpu_mem_usage)
         config = dataclasses.replace(
-            self.config,
+            copy.deepcopy(options),
             num_classes=num_classes,
             trains_base=trains_base,
             inference_mode=False,
@@ -228,45 +263,153 @@ class HalrpModel(nn.Module):
             metrics={},
         )
         self._tasks[name] = TaskInfo(name, config)
-        self._make_trainable(name)
-        self.set_task(name)
+        if not config.init_weights and not trains_base and not low_cpu_mem_usage:
+            self._perturb(name, config)
+        if autocast:
+            self.cast_task_tensors(name)
+        if open_it:
+            self._open_task(name)
+            self.set_task(name)
+        else:
+            for p in self._task_parameters(name):
+                p.requires_grad_(False)
+        self._refresh_task_config(name)
+        return config
 
-    def add_task_from_config(self, name: str, config: HalrpConfig) -> None:
-        """Add task `name` as `config` describes it: a new task to train when its config has no
-        ranks yet, else a saved task's exact skeleton (shapes only; values come from a file),
-        finished when `config.inference_mode` is set. This is how PEFT adds adapters."""
-        if not config.rank_pattern and not config.trains_base and not config.inference_mode:
-            self.add_task(name, num_classes=config.num_classes)
-            self._tasks[name].config = config
-            self._refresh_task_config(name)
-            return
+    def add_task_from_config(
+        self,
+        name: str,
+        config: HalrpConfig,
+        *,
+        activate: bool = True,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool | None = None,
+    ) -> HalrpConfig:
+        """Add task `name` as `config` describes it and return the task's own copy of it: a new
+        task to train when its config has no ranks yet, else a saved task's exact skeleton
+        (shapes only, identity until values are loaded), finished when `config.inference_mode`
+        is set. This is how PEFT adds adapters (`get_peft_model`, `add_adapter`,
+        `load_adapter`); `config` itself is never changed.
+
+        `activate` routes through the task and, unless finished, trains it; otherwise it waits
+        (PEFT's `add_adapter`: `set_adapter(name)` activates it). `low_cpu_mem_usage` makes a
+        saved task's tensors on the meta device, for a loader that assigns them.
+        `autocast_adapter_dtype` (default: the handle's) gives a half-precision backbone's task
+        float32 tensors.
+        """
+        autocast = (
+            self.autocast_adapter_dtype
+            if autocast_adapter_dtype is None
+            else autocast_adapter_dtype
+        )
         check_task_name(name)
         if name in self._tasks:
             raise ValueError(f"task {name!r} already exists; existing tasks: {self.tasks}.")
+        self.check_structure(config)
+        if not config.rank_pattern and not config.trains_base and not config.inference_mode:
+            check_new_task_name(name, self.tasks)
+            return self._add_new_task(
+                name,
+                config,
+                config.num_classes,
+                open_it=activate,
+                autocast=autocast,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         self.check_compatible(config)
-        layers, head = self.adapter_layers(), self.task_head()
-        scaled = set(select_scaled(list(layers), config.scale_modules))
-        for layer_name, layer in layers.items():
-            layer.add_task(name, scales=not config.trains_base and layer_name in scaled)
-            rank = config.rank_pattern.get(layer_name, 0)
-            if rank:
-                layer.add_factor_skeleton(
-                    name,
-                    rank,
-                    {which: config.sparse_pattern.get(f"{layer_name}.{which}") for which in "AB"},
-                )
-        for norm in self.task_norms().values():
-            norm.add_task(name)
-        if head is not None:
-            head.add_task(name, config.num_classes)
-        self._tasks[name] = TaskInfo(name, config, finished=bool(config.inference_mode))
-        if config.inference_mode:
+        own = copy.deepcopy(config)
+        scaled = set(select_scaled(list(self.adapter_layers()), own.scale_modules))
+        self._add_skeleton(
+            name, own, scaled, own.trains_base, own.num_classes, low_cpu_mem_usage, own.rank_pattern
+        )
+        self._tasks[name] = TaskInfo(name, own, finished=bool(own.inference_mode))
+        if autocast:
+            self.cast_task_tensors(name)
+        if own.inference_mode:
             for module in self._routed():
                 if name in module.task_names():
                     module.freeze_task(name)
+        elif activate:
+            self._open_task(name)
         else:
-            self._make_trainable(name)
-        self.set_task(name)
+            for p in self._task_parameters(name):
+                p.requires_grad_(False)
+        if activate:
+            self.set_task(name)
+        return own
+
+    def _add_skeleton(
+        self,
+        name: str,
+        config: HalrpConfig,
+        scaled: set[str],
+        trains_base: bool,
+        num_classes: int | None,
+        low_cpu_mem_usage: bool,
+        ranks: dict[str, int] | None = None,
+    ) -> None:
+        """Give task `name` its entries in every wrapper: scales (on `scaled` layers), biases,
+        factors of `ranks`, norm copies and head. With `low_cpu_mem_usage` they are made on the
+        meta device (accelerate's init_empty_weights; norm and head copies moved there), for a
+        loader that assigns the saved tensors."""
+        layers, head = self.adapter_layers(), self.task_head()
+        empty = init_empty_weights(include_buffers=False)
+        with empty if low_cpu_mem_usage else contextlib.nullcontext():
+            for layer_name, layer in layers.items():
+                layer.add_task(name, scales=not trains_base and layer_name in scaled)
+                rank = (ranks or {}).get(layer_name, 0)
+                if rank:
+                    layer.add_factor_skeleton(
+                        name,
+                        rank,
+                        {w: config.sparse_pattern.get(f"{layer_name}.{w}") for w in "AB"},
+                    )
+            for norm in self.task_norms().values():
+                norm.add_task(name)
+            if head is not None:
+                head.add_task(name, num_classes)
+        if low_cpu_mem_usage:
+            for module in self._routed():
+                module.move_task(name, torch.device("meta"))
+
+    def check_structure(self, config: HalrpConfig) -> None:
+        """Raise ValueError, changing nothing, when `config` asks for other wrapped layers, norms
+        or head than this model has: HALRP wraps them once, for every task."""
+        layers = self.adapter_layers()
+        for option in ("target_modules", "exclude_modules"):
+            value = getattr(config, option)
+            if value == getattr(self.config, option) or config.rank_pattern:
+                continue  # a saved task names its layers in rank_pattern (checked on load)
+            wanted = self._targets_for(config)
+            if wanted != list(layers):
+                missing = [n for n in wanted if n not in layers]
+                extra = [n for n in layers if n not in wanted]
+                raise ValueError(
+                    f"`{option}`={value!r} selects other layers than this model's adapters "
+                    f"(only in the new config: {missing[:5]}; only here: {extra[:5]}). HALRP "
+                    "wraps the layers once, when the first task is added, and every task adapts "
+                    f"those: give this adapter {option}={getattr(self.config, option)!r}, or "
+                    "attach the other layers to a fresh copy of the model."
+                )
+        for option in ("head_module", "task_heads", "task_signature"):
+            mine, theirs = getattr(self.config, option), getattr(config, option)
+            if option == "head_module" and theirs in (None, self.head_name):
+                continue
+            if mine != theirs:
+                raise ValueError(
+                    f"`{option}`={theirs!r} differs from this model's {mine!r}: it is set "
+                    "once, when the first task is added, for every task; give this adapter "
+                    f"{option}={mine!r}."
+                )
+
+    def _targets_for(self, config: HalrpConfig) -> list[str]:
+        """The layers `config`'s target/exclude options select in the model as attached."""
+        return select_targets(
+            cast(nn.Module, _ModuleTree(self._attached_modules)),  # all select_targets reads
+            self.head_name,
+            config.target_modules,
+            config.exclude_modules,
+        )
 
     def check_compatible(self, config: HalrpConfig) -> None:
         """Raise ValueError, changing nothing, when a saved task's config does not fit this
@@ -337,6 +480,9 @@ class HalrpModel(nn.Module):
         for module in self._routed():
             module.remove_task(name)
         del self._tasks[name]
+        if self._open == name:
+            self._open = None
+            self._trainable = []
 
     def estimate_ranks(
         self,
@@ -404,7 +550,7 @@ class HalrpModel(nn.Module):
         A task that trains the backbone gets `wd * sum(W^2) / 2` over the adapted weights.
         """
         info = self._require_open("regularization_loss()")
-        task, cfg = info.name, self.config
+        task, cfg = info.name, info.config
         squared: list[Tensor] = []  # the L2 terms
         absolute: list[Tensor] = []  # the L1 terms
         for layer in self.adapter_layers().values():
@@ -479,9 +625,9 @@ class HalrpModel(nn.Module):
             assert kind is not None
             try:
                 info.signature = compute_signature(
-                    self, task, data, kind, max_calibration_batches, self.config.signature_rank
+                    self, task, data, kind, max_calibration_batches, info.config.signature_rank
                 )
-            except (ValueError, TypeError) as err:  # the trained task is kept whatever happens
+            except Exception as err:  # the trained task is kept, whatever went wrong here
                 warnings.warn(
                     f"task {task!r} ended without a task signature ({err}); it is finished and "
                     "kept, and add_signature(name, data) can give it one later.",
@@ -495,6 +641,7 @@ class HalrpModel(nn.Module):
             p.requires_grad_(False)
             p.grad = None  # a finished task keeps no gradient memory
         self._trainable = []
+        self._open = None
         info.finished = True
         self._refresh_task_config(task)
         return self.task_stats(task)
@@ -526,7 +673,7 @@ class HalrpModel(nn.Module):
                 "attach with task_signature='backbone' or 'task'."
             )
         info.signature = compute_signature(
-            self, name, data, kind, max_batches, self.config.signature_rank
+            self, name, data, kind, max_batches, info.config.signature_rank
         )
         return info.signature
 
@@ -583,9 +730,9 @@ class HalrpModel(nn.Module):
             if isinstance(module, HalrpLayer):
                 plain_parts[id(module)] = module.merged_layer(name)
             elif isinstance(module, TaskNorm):
-                plain_parts[id(module)] = copy.deepcopy(module.halrp_norm[name])
+                plain_parts[id(module)] = _in_dtype_of(module.halrp_norm[name], module.base_layer)
             elif isinstance(module, TaskHead):
-                plain_parts[id(module)] = copy.deepcopy(module.halrp_head[name])
+                plain_parts[id(module)] = _in_dtype_of(module.halrp_head[name], module.base_layer)
         if inplace:
             return self._swap_out(lambda m: plain_parts[id(m)])
         structure = remembered_structure(self)
@@ -739,6 +886,52 @@ class HalrpModel(nn.Module):
             p.requires_grad_(True)
         self._trainable = trainable
 
+    def _open_task(self, task: str) -> None:
+        """Make `task` the one being trained (any other unfinished task waits, frozen)."""
+        self._make_trainable(task)
+        self._open = task
+
+    def _task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [p for module in self._routed() for p in module.task_parameters(task)]
+
+    def cast_task_tensors(self, task: str) -> None:
+        """Make task `task`'s float16 / bfloat16 tensors float32 (PEFT's autocast of adapter
+        dtypes); the layers then run only W0's product in the backbone's dtype."""
+        self._info(task)
+        for module in self._routed():
+            module.cast_task(task, (torch.float16, torch.bfloat16), torch.float32)
+        if task == self._open:
+            self._make_trainable(task)  # the cast made new Parameter objects
+
+    def activate(self, name: str, train: bool = True) -> None:
+        """Route through task `name` and, when it is unfinished and `train`, make it the task
+        being trained (any other unfinished task waits, frozen). PEFT's `set_adapter`."""
+        info = self._info(name)
+        if train and not info.finished:
+            self._open_task(name)
+        elif self._open is not None and self._open != name or not train:
+            for p in self._trainable:
+                p.requires_grad_(False)
+            self._trainable = []
+            self._open = None
+        self.set_task(name)
+
+    @torch.no_grad()
+    def _perturb(self, task: str, config: HalrpConfig) -> None:
+        """`init_weights=False`: start the task away from the backbone (tests see every path)."""
+        for layer in self.adapter_layers().values():
+            for d in (layer.halrp_r, layer.halrp_s):
+                if task in d:
+                    d[task].add_(torch.empty_like(d[task]).uniform_(-0.5, 0.5))
+            if task in layer.halrp_bias:
+                layer.halrp_bias[task].add_(0.1 * torch.randn_like(layer.halrp_bias[task]))
+            rank = min(2, config.upper_rank, layer.in_features, layer.out_features)
+            if layer.supports_low_rank:
+                w = layer.weight
+                A = torch.randn(rank, layer.in_features, device=w.device, dtype=w.dtype)
+                B = torch.randn(layer.out_features, rank, device=w.device, dtype=w.dtype)
+                layer.set_low_rank(task, 0.3 * A, 0.3 * B)
+
     def _backbone_parameters(self) -> list[nn.Parameter]:
         """The shared weights a base-training task trains: everything outside the per-task
         containers, except the base copies of biases, norms and head that tasks replace."""
@@ -763,12 +956,13 @@ class HalrpModel(nn.Module):
         stats = task_stats(
             task, layers, list(self.task_norms().values()), None, self.backbone_params, False
         )
-        room = math.floor(self.config.budget * self.backbone_params) - (
+        cfg = self._tasks[task].config
+        room = math.floor(cfg.budget * self.backbone_params) - (
             stats.stored_params - stats.low_rank_params
         )
         dense = sum(f.numel() for f in factors)
         keep = room if dense <= room else room - math.ceil(dense / 32)
-        prune_(factors, prune_threshold(factors, keep, self.config.prune_floor))
+        prune_(factors, prune_threshold(factors, keep, cfg.prune_floor))
         for layer in layers.values():
             layer.compact_factors(task)
 
@@ -810,6 +1004,27 @@ def _total(tensors: list[Tensor], term: Callable[[Tensor], Tensor], zero: Tensor
             assert isinstance(sharded, DTensor)  # a reduction of a DTensor stays one
             total = total + sharded.full_tensor()
     return total
+
+
+def _in_dtype_of(part: nn.Module, base: nn.Module) -> nn.Module:
+    """A copy of a task's norm or head in the dtype of the base module it replaces (a
+    half-precision backbone's tasks keep float32 copies)."""
+    copied = copy.deepcopy(part)
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    return copied.to(dtype) if dtype is not None else copied
+
+
+class _ModuleTree:
+    """`named_modules()` and `get_submodule()` of a model as it was before wrapping."""
+
+    def __init__(self, named: list[tuple[str, nn.Module]]) -> None:
+        self._named = named
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        return iter(self._named)
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return dict(self._named)[name]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -86,7 +86,7 @@ class TaskSignature:
         when `rank` is None or keeps nothing smaller)."""
         if rank is None or self.scatter is None or (rank + 1) * self.dim >= self.dim**2:
             return self
-        values, vectors = torch.linalg.eigh(self.scatter.double())
+        values, vectors = symmetric_eigh(self.scatter.double())
         top = values.argsort(descending=True)[:rank]
         return TaskSignature(
             self.features,
@@ -198,6 +198,68 @@ class SignatureAccumulator:
         scatter = self._second - (means.T * counts) @ means
         scatter = (scatter + scatter.T) / 2
         return TaskSignature(features, counts, means.float(), scatter=scatter.float())
+
+
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors (as columns) of a symmetric matrix, robust to what a
+    task's features can give: LAPACK's `eigh` can fail to converge on a nearly all-zero or
+    ill-conditioned scatter (seen on one machine and not another of the same kind).
+
+    The matrix is scaled to unit largest entry first (undone on the eigenvalues); an all-zero
+    matrix has eigenvalues 0 and the identity as eigenvectors. If `eigh` still fails, it is
+    retried with a tiny diagonal jitter, then replaced by an SVD (for the positive
+    semi-definite scatters here its singular vectors are the eigenvectors), then by numpy's
+    `eigh`. Raises ValueError for a matrix with NaN or inf, or if every way fails.
+
+    >>> values, vectors = symmetric_eigh(torch.zeros(3, 3, dtype=torch.float64))
+    >>> values.tolist(), bool((vectors == torch.eye(3, dtype=torch.float64)).all())
+    ([0.0, 0.0, 0.0], True)
+    """
+    if not torch.isfinite(matrix).all():
+        raise ValueError("the scatter matrix has NaN or inf entries (non-finite features)")
+    matrix = (matrix + matrix.T) / 2
+    scale = float(matrix.abs().max()) if matrix.numel() else 0.0
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    if scale == 0.0:
+        return torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device), eye
+    unit = matrix / scale
+    attempts = (
+        lambda: torch.linalg.eigh(unit),
+        lambda: _jittered(torch.linalg.eigh(unit + 1e-10 * eye), 1e-10),
+        lambda: _svd_as_eigh(unit),
+        lambda: _numpy_eigh(unit),
+    )
+    failures = []
+    for attempt in attempts:
+        try:
+            values, vectors = attempt()
+        except (RuntimeError, ValueError, ArithmeticError) as err:  # LinAlgError is a RuntimeError
+            failures.append(f"{type(err).__name__}: {err}")
+            continue
+        if torch.isfinite(values).all() and torch.isfinite(vectors).all():
+            return values * scale, vectors
+        failures.append("non-finite result")
+    raise ValueError(f"no eigen-decomposition of the scatter succeeded ({'; '.join(failures)})")
+
+
+def _jittered(result: tuple[Tensor, Tensor], jitter: float) -> tuple[Tensor, Tensor]:
+    values, vectors = result
+    return values - jitter, vectors
+
+
+def _svd_as_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    u, singular, _ = torch.linalg.svd(matrix)
+    return singular, u
+
+
+def _numpy_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    values, vectors = np.linalg.eigh(matrix.detach().cpu().numpy())
+    return (
+        torch.from_numpy(values).to(matrix.device, matrix.dtype),
+        torch.from_numpy(vectors).to(matrix.device, matrix.dtype),
+    )
 
 
 def oas_shrinkage(covariance: Tensor, samples: int) -> float:

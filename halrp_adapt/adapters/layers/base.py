@@ -21,12 +21,13 @@ from ...method.sparse import compact, expand, worth_compacting
 from ..routing import RowRouting, TaskRouted
 
 
-def _own(t: Tensor, like: Tensor) -> nn.Parameter:
-    """A contiguous copy of `t` on `like`'s device and dtype. Contiguous on purpose: a factor
-    sliced out of an SVD is strided, and the same values in another memory layout take another
-    matmul path, which would break bit-identical outputs after a save/load round trip."""
+def _own(t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
+    """A contiguous copy of `t` on `like`'s device, in `dtype` (default `like`'s). Contiguous on
+    purpose: a factor sliced out of an SVD is strided, and the same values in another memory
+    layout take another matmul path, which would break bit-identical outputs after a save/load
+    round trip."""
     return nn.Parameter(
-        t.detach().to(like.device, like.dtype).clone(memory_format=torch.contiguous_format)
+        t.detach().to(like.device, dtype or like.dtype).clone(memory_format=torch.contiguous_format)
     )
 
 
@@ -137,10 +138,19 @@ class HalrpLayer(TaskRouted):
         if bias is not None:
             self.halrp_bias[task] = _own(bias, bias)
 
+    def task_dtype(self, task: str) -> torch.dtype:
+        """The dtype of the task's tensors here: float32 on a half-precision backbone with
+        autocast (the handle's `autocast_adapter_dtype`), else the base weight's."""
+        for attr in ("halrp_r", "halrp_bias", "halrp_A", "halrp_A_values"):
+            container = getattr(self, attr)
+            if task in container:
+                return container[task].dtype
+        return self.weight.dtype
+
     def set_scales(self, task: str, r: Tensor, s: Tensor) -> None:
-        w = self.weight
-        self.halrp_r[task] = _own(r, w)
-        self.halrp_s[task] = _own(s, w)
+        w, dtype = self.weight, self.task_dtype(task)
+        self.halrp_r[task] = _own(r, w, dtype)
+        self.halrp_s[task] = _own(s, w, dtype)
 
     def set_low_rank(self, task: str, A: Tensor, B: Tensor) -> None:
         """Set the task's factors: A is (k, in), B is (out, k)."""
@@ -158,10 +168,10 @@ class HalrpLayer(TaskRouted):
                 f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
                 f"layer of in={self.in_features}, out={self.out_features}."
             )
-        w = self.weight
+        w, dtype = self.weight, self.task_dtype(task)
         self._drop_factors(task)
-        self.halrp_A[task] = _own(A, w)
-        self.halrp_B[task] = _own(B, w)
+        self.halrp_A[task] = _own(A, w, dtype)
+        self.halrp_B[task] = _own(B, w, dtype)
         self.task_ranks[task] = A.shape[0]
 
     def factor_shape(self, task: str, which: str) -> tuple[int, int]:
@@ -194,8 +204,9 @@ class HalrpLayer(TaskRouted):
                 getattr(self, f"halrp_{which}_mask")[task] = mask
 
     def add_factor_skeleton(self, task: str, rank: int, nonzeros: dict[str, int | None]) -> None:
-        """Empty factors of the right shapes, to be filled by `load_state_dict`: dense where
-        `nonzeros[which]` is None, compact with that many values otherwise."""
+        """Factors of the right shapes, to be filled by `load_state_dict`: dense where
+        `nonzeros[which]` is None, compact with that many values otherwise. Until then the task
+        is the backbone (B = 0) and, like a new LoRA adapter, trainable (A random)."""
         w = self.weight
         self._drop_factors(task)
         self.task_ranks[task] = rank
@@ -203,9 +214,10 @@ class HalrpLayer(TaskRouted):
             shape = self.factor_shape(task, which)
             count = nonzeros.get(which)
             if count is None:
-                getattr(self, f"halrp_{which}")[task] = nn.Parameter(
-                    torch.zeros(shape, device=w.device, dtype=w.dtype)
-                )
+                dense = torch.zeros(shape, device=w.device, dtype=w.dtype)
+                if which == "A":
+                    nn.init.kaiming_uniform_(dense, a=5**0.5)  # nn.Linear's own init
+                getattr(self, f"halrp_{which}")[task] = nn.Parameter(dense)
                 continue
             getattr(self, f"halrp_{which}_values")[task] = nn.Parameter(
                 torch.zeros(count, device=w.device, dtype=w.dtype), requires_grad=False
@@ -251,33 +263,50 @@ class HalrpLayer(TaskRouted):
 
     def rows_forward(self, x: Tensor, routing: RowRouting) -> Tensor:
         """Each row of `x` through its own task, in one pass of the shared base weight:
-        `r[row] * (W0 (s[row] * x)) + bias[row]`, then each task's `B A` on its rows only."""
+        `r[row] * (W0 (s[row] * x)) + bias[row]`, then each task's `B A` on its rows only.
+        Rows of no task (None) get the backbone's own output."""
         routing.check(x, type(self).__name__)
-        s = self._per_row(self.halrp_s, routing, self.in_features, 1.0)
-        y = self.scaled_forward(x if s is None else x * self.row_view(s, x.dim()), None, None)
-        r = self._per_row(self.halrp_r, routing, self.out_features, 1.0)
+        dtype = next(
+            (self.task_dtype(t) for t in routing.tasks if t is not None), self.weight.dtype
+        )
+        xa = x.to(dtype)
+        s = self._per_row(self.halrp_s, routing, self.in_features, dtype)
+        h = xa if s is None else xa * self.row_view(s, x.dim())
+        y = self.scaled_forward(h.to(self.weight.dtype), None, None).to(dtype)
+        r = self._per_row(self.halrp_r, routing, self.out_features, dtype)
         if r is not None:
             y = y * self.row_view(r, y.dim())
-        bias = self._per_row(self.halrp_bias, routing, self.out_features, 0.0)
+        bias = self._per_row(self.halrp_bias, routing, self.out_features, dtype, base_bias=True)
         if bias is not None:
             y = y + self.row_view(bias, y.dim())
         for task, rows in zip(routing.tasks, routing.rows, strict=True):
-            if self.rank(task):
+            if task is not None and self.rank(task):
                 A, B = self.factor(task, "A"), self.factor(task, "B")
                 assert A is not None and B is not None  # a task with a rank holds both factors
-                y = y.index_add(0, rows, self.low_rank_forward(x.index_select(0, rows), A, B))
-        return y
+                y = y.index_add(0, rows, self.low_rank_forward(xa.index_select(0, rows), A, B))
+        return y.to(x.dtype)
 
     def _per_row(
-        self, entries: nn.ParameterDict, routing: RowRouting, size: int, missing: float
+        self,
+        entries: nn.ParameterDict,
+        routing: RowRouting,
+        size: int,
+        dtype: torch.dtype,
+        base_bias: bool = False,
     ) -> Tensor | None:
-        """Each row's task's vector from `entries` (rows, size); `missing` for a task without
-        one; None when no task present has one."""
-        if not any(t in entries for t in routing.tasks):
+        """Each row's task's vector from `entries` (rows, size), in `dtype`. A task without
+        one (or rows of no task) get ones, or with `base_bias` the base layer's bias (zeros
+        without one); None when no task present has one."""
+        if not any(t in entries for t in routing.tasks if t is not None):
             return None
+        w = self.weight
+        if base_bias and getattr(self.base_layer, "bias", None) is not None:
+            missing = cast(Tensor, self.base_layer.bias).to(dtype)
+        else:
+            missing = w.new_full((size,), 0.0 if base_bias else 1.0, dtype=dtype)
         table = torch.stack(
             [
-                entries[t] if t in entries else self.weight.new_full((size,), missing)
+                entries[t].to(dtype) if t is not None and t in entries else missing
                 for t in routing.tasks
             ]
         )
@@ -319,18 +348,30 @@ class HalrpLayer(TaskRouted):
 
     def folded_forward(self, x: Tensor, task: str) -> Tensor:
         bias = self.halrp_bias[task] if task in self.halrp_bias else None
-        return self.forward_with_weight(x, self.merged_weight(task), bias)
+        weight = self.merged_weight(task).to(x.dtype)
+        return self.forward_with_weight(x, weight, None if bias is None else bias.to(x.dtype))
 
     def activation_forward(self, x: Tensor, task: str) -> Tensor:
         r = self.halrp_r[task] if task in self.halrp_r else None
         s = self.halrp_s[task] if task in self.halrp_s else None
         bias = self.halrp_bias[task] if task in self.halrp_bias else None
-        y = self.scaled_forward(x, r, s, bias)
+        dtype = self.task_dtype(task)
+        if dtype == self.weight.dtype == x.dtype:
+            y = self.scaled_forward(x, r, s, bias)
+        else:  # float32 task tensors on a half-precision base: only W0's product in its dtype
+            xa = x.to(dtype)
+            h = xa if s is None else xa * self.channel_view(s)
+            y = self.scaled_forward(h.to(self.weight.dtype), None, None).to(dtype)
+            if r is not None:
+                y = y * self.channel_view(r)
+            if bias is not None:
+                y = y + self.channel_view(bias)
+            x = xa
         if self.rank(task):
             A, B = self.factor(task, "A"), self.factor(task, "B")
             assert A is not None and B is not None  # a task with a rank holds both factors
             y = y + self.low_rank_forward(x, A, B)
-        return y
+        return y.to(self.weight.dtype) if dtype != self.weight.dtype else y
 
     def expand_input_scale(self, s: Tensor) -> Tensor:
         """s (in,) as an (out, in_per_group) grid matching the canonical weight."""
@@ -343,8 +384,8 @@ class HalrpLayer(TaskRouted):
         )
 
     def merged_weight(self, task: str) -> Tensor:
-        """The task's full weight W_t in the base layer's layout."""
-        wc = self.canonical(self.weight)
+        """The task's full weight W_t in the base layer's layout, in the task's dtype."""
+        wc = self.canonical(self.weight).to(self.task_dtype(task))
         if task in self.halrp_r:
             wc = wc * self.halrp_r[task][:, None, None]
             wc = wc * self.expand_input_scale(self.halrp_s[task])[:, :, None]
@@ -357,11 +398,12 @@ class HalrpLayer(TaskRouted):
     @torch.no_grad()
     def merged_layer(self, task: str) -> nn.Module:
         """A plain copy of the base layer carrying the task's merged weight and bias."""
-        weight = nn.Parameter(self.merged_weight(task).detach().clone())
+        base_weight = cast(Tensor, self.base_layer.weight)
+        weight = nn.Parameter(self.merged_weight(task).detach().to(base_weight.dtype).clone())
         memo = {id(self.base_layer.weight): weight}
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None and task in self.halrp_bias:
-            memo[id(bias)] = nn.Parameter(self.halrp_bias[task].detach().clone())
+            memo[id(bias)] = nn.Parameter(self.halrp_bias[task].detach().to(bias.dtype).clone())
         return copy.deepcopy(self.base_layer, memo)
 
     def extra_repr(self) -> str:
