@@ -15,7 +15,8 @@ Sequences (`--sequences`):
 - lite1-permuted-fmnist  EfficientNet-Lite1 (ImageNet), Fashion-MNIST 4 pixel permutations x 10
 - lite0-split-digits     EfficientNet-Lite0, scikit-learn digits 5 x 2
 - minilm-topics          all-MiniLM-L6-v2, the text topics, 4 tasks x 2 topics
-- vit-split-fmnist       the demo's ViT: its first task trains the backbone, 5 x 2
+- vit-split-fmnist       a small ViT (6 blocks, patch 4; the quickstart demo's until 2026-12),
+                         its first task trains the backbone, 5 x 2
 
 The protocol: each task's training data loses 15% to a validation split. Each method trains with
 each learning rate of `--lrs` at seed 0 and the rate with the best validation ACC is kept (never

@@ -6,8 +6,9 @@
 
 With no arguments it uses Split ImageNet when `timm/imagenet-1k-wds` is already in the Hugging
 Face cache; otherwise real Fashion-MNIST images embedded in halrp_adapt (5 tasks x 2 classes)
-on a small ViT (6 blocks, 32 px, patch 4) whose first task trains the backbone, as the paper
-does without pretrained weights. Rerun the same command to resume an interrupted run.
+on a small ViT (4 blocks, the images' own 28 px, patch 4) whose first task trains the backbone,
+as the paper does without pretrained weights: about 4 minutes on 2 CPU cores. Rerun the same
+command to resume an interrupted run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              "small vit_tiny_patch16_224 otherwise)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the model's pretrained weights (needs them reachable)")
-    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input size (default: 28 on Fashion-MNIST, its own, 224 otherwise)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="transformer blocks (default: 4 for the small offline ViT, the "
+                             "model's own otherwise)")
     parser.add_argument("--num-tasks", type=int, default=None)
     parser.add_argument("--classes-per-task", type=int, default=None)
     parser.add_argument("--class-order", default=None,
@@ -73,7 +78,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--model must be a timm vit_* model, got {args.model!r}")
     check_timm_model(parser, args.model, prefix="vit_")
     args.small = small
-    args.img_size = args.img_size or (32 if small else 224)
+    args.img_size = args.img_size or (28 if small else 224)
+    if args.depth is not None and args.depth < 1:
+        parser.error(f"--depth must be >= 1, got {args.depth}")
     args.num_tasks = args.num_tasks or (5 if small else 10)
     if args.class_order is not None:
         try:
@@ -91,13 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.small:
         train, test = embedded_fashion_mnist("full" if args.dataset.endswith("full")
                                              else "embedded")
-        model_kwargs = {"img_size": args.img_size, "patch_size": 4, "depth": 6}
+        model_kwargs = {"img_size": args.img_size, "patch_size": 4, "depth": args.depth or 4}
     else:
         try:
             train, test = load_image_dataset(args.dataset, args.train_split, args.test_split)
         except (ValueError, FileNotFoundError, ConnectionError, OSError) as err:
             parser.error(f"--dataset {args.dataset!r}: {err}")
         model_kwargs = {"img_size": args.img_size}
+        if args.depth is not None:
+            model_kwargs["depth"] = args.depth
     model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
     data_config = resolve_data_config({"input_size": (3, args.img_size, args.img_size),
                                        "crop_pct": 1.0 if args.small else None}, model=model)

@@ -42,8 +42,17 @@ def fetch(dest: Path, peft_version: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                "--no-binary", ":all:", f"peft=={peft_version}", "--dest", tmp,
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"peft=={peft_version}",
+                "--dest",
+                tmp,
             ],
             check=True,
         )
@@ -70,7 +79,8 @@ def fetch(dest: Path, peft_version: str) -> Path:
             "sha256": digest,
             "files": ["tests/" + name for name in FILES],
         }
-        (extracted / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(source, indent=2) + "\n"
+        (extracted / "SOURCE.json").write_text(text, encoding="utf-8")
         target.parent.mkdir(parents=True, exist_ok=True)
         extracted.rename(target)
         staging.rmdir()

@@ -173,3 +173,21 @@ def load_fails(shelf, match, tasks=None, model=None, exc=ValueError):
         halrp_adapt.load(model, shelf, tasks=tasks)
     assert unchanged(model, reference), "the model changed although loading failed"
     assert halrp_adapt.HalrpModel.of(model) is None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for CI's log: how PEFT's own tuner tests fared on HALRP (tests/test_peft_suite.py),
+    with the PEFT version they come from; the skip reasons are in pytest's -ra summary."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "nodeid", "").startswith("tests/test_peft_suite.py") and (
+                report.when == "call" or outcome in ("skipped", "error")
+            ):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if not counts:
+        return
+    from importlib.metadata import version
+
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    terminalreporter.write_line(f"PEFT {version('peft')}'s own tuner tests on HALRP: {summary}")

@@ -41,6 +41,10 @@ class World:
     other: nn.Module
     shelf: Path
     tmp: Path
+    peft: Any  # a PeftModel: adapter "default" (all layers) in training
+
+
+PEFT_X = torch.randn(2, 3, 8, 8)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,21 @@ CASES = [
          ValueError, r"`name`: unknown task 3; known tasks: \['a'\]"),
     Case("merge-unknown", lambda w: w.idle.merge("zzz"),
          ValueError, r"`name`: unknown task 'zzz'; known tasks"),
+    # through PEFT
+    Case("peft-target-modules",
+         lambda w: w.peft.add_adapter("x", HalrpConfig(budget=0.5, target_modules=["0"])),
+         ValueError, r"`target_modules`=\['0'\] selects other layers than this model's adapters"),
+    Case("peft-set-adapter-several",
+         lambda w: w.peft.base_model.set_adapter(["default", "default"]),
+         ValueError, r"HALRP adapters are not additive.*adapter_names=\[\.\.\.\]"),
+    Case("peft-merge-in-place", lambda w: w.peft.merge_adapter(),
+         NotImplementedError, r"cannot merge a task in place.*merge_and_unload\(\)"),
+    Case("peft-adapter-names-length",
+         lambda w: w.peft.eval()(PEFT_X, adapter_names=["default"]),
+         ValueError, r"Length of `adapter_names` should be the same as the number of inputs"),
+    Case("peft-adapter-names-unknown",
+         lambda w: w.peft.eval()(PEFT_X, adapter_names=["default", "zzz"]),
+         ValueError, r"Trying to infer with non-existing adapter\(s\): zzz"),
     # task retrieval
     Case("mixed-strategy",
          lambda w: w.idle.forward_tasks([0, 0], torch.randn(2, 3, 8, 8), strategy="fast"),
@@ -231,7 +250,10 @@ def world(tmp_path) -> World:
     learn_task(busy, "a", DATA, num_classes=3)
     busy.add_task("b", num_classes=4)
     busy.estimate_ranks(DATA, steps=1)
-    return World(idle, busy, tiny_cnn(), tiny_cnn(seed=1), shelf, tmp_path)
+    from peft import get_peft_model
+
+    peft = get_peft_model(tiny_cnn(seed=2), HalrpConfig(budget=0.5))
+    return World(idle, busy, tiny_cnn(), tiny_cnn(seed=1), shelf, tmp_path, peft)
 
 
 def _model_state(module: nn.Module) -> dict[str, Any]:
@@ -246,8 +268,10 @@ def _snapshot(w: World) -> dict[str, Any]:
              for p in sorted(w.tmp.rglob("*")) if p.is_file() and p.name != ".halrp.lock"}
     handles = {name: {"tasks": list(h.tasks), "open": h.open_task, "active": h.active_task,
                       **_model_state(h)} for name, h in (("idle", w.idle), ("busy", w.busy))}
+    peft = {"adapters": list(w.peft.peft_config), "active": w.peft.active_adapter,
+            **_model_state(w.peft)}
     return {"files": files, "handles": handles, "fresh": _model_state(w.fresh),
-            "other": _model_state(w.other)}
+            "other": _model_state(w.other), "peft": peft}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -270,7 +294,7 @@ def test_bad_input_is_refused_and_changes_nothing(case, world, capsys):
     assert re.search(case.message, text), f"{case.id}: {text!r} does not match {case.message!r}"
     after = _snapshot(world)
     assert after["files"] == before["files"], f"{case.id} changed the saved files"
-    for part in ("handles", "fresh", "other"):
+    for part in ("handles", "fresh", "other", "peft"):
         assert _same(before[part], after[part]), f"{case.id} changed {part}"
 
 

@@ -50,27 +50,13 @@ OWN_CONFIG_COPY = (
     "each HALRP adapter keeps its own copy of its config (it records the task's ranks), so "
     "peft_config[name] is equal to, not the same object as, the config passed in"
 )
-CUSTOM_DIFFERENCES: dict[str, str] = {
-    "test_merge_layers": NOT_IN_PLACE,
-    "test_merge_layers_is_idempotent": NOT_IN_PLACE,
-    "test_merge_layers_is_deterministic_in_train_mode": NOT_IN_PLACE,
-    "test_disable_adapters_with_merging": NOT_IN_PLACE,
-    "test_delete_merged_adapter_raises_without_mutation": NOT_IN_PLACE,
-    "test_delete_merged_adapter_only_rejects_the_merged_one": NOT_IN_PLACE,
-    # These four run a forward in half precision (covered by test_peft_api.py), then merge in place.
-    "test_forward_float16": NOT_IN_PLACE,
-    "test_forward_bfloat16": NOT_IN_PLACE,
-    "test_forward_float16_no_autocast": NOT_IN_PLACE,
-    "test_forward_bfloat16_no_autocast": NOT_IN_PLACE,
-    "test_active_adapter": NOT_ADDITIVE,
-    "test_from_pretrained_config_construction": OWN_CONFIG_COPY,
-}
-DECODER_DIFFERENCES: dict[str, str] = {
-    "test_from_pretrained_config_construction": OWN_CONFIG_COPY,
-    "test_merge_layers": NOT_IN_PLACE,
-    # Merges two adapters into one model.
-    "test_merge_layers_multi": NOT_ADDITIVE,
-}
+CUSTOM_DIFFERENCES = {"test_from_pretrained_config_construction": OWN_CONFIG_COPY}
+DECODER_DIFFERENCES = {"test_from_pretrained_config_construction": OWN_CONFIG_COPY}
+
+
+@pytest.fixture(autouse=True)
+def _refusals_skip_at_the_call(monkeypatch):
+    peft_suite.refusals_become_skips(monkeypatch, NOT_IN_PLACE, NOT_ADDITIVE)
 
 
 def _ids(rows):
@@ -129,6 +115,17 @@ def test_generate_with_mixed_adapter_batches_and_beam_search(model_id):
         tester._test_generate_with_mixed_adapter_batches_and_beam_search(
             model_id, HalrpConfig, dict(MIXED)
         )
+
+
+# PEFT's `check_beft_config` skips every non-BEFT config on Llama rows (it tests `isinstance`
+# of a class); these run the two helpers it skips on HALRP's Llama.
+LLAMA = DECODER_MODELS[0]
+
+
+@pytest.mark.parametrize("helper", ["_test_merge_layers_nan", "_test_merge_layers_fp16"])
+def test_merge_helpers_on_llama(helper):
+    config_kwargs = suite.utils.set_init_weights_false(HalrpConfig, dict(DECODER_CONFIGS[0][1]))
+    getattr(TestHalrpDecoderModels(), helper)(LLAMA, HalrpConfig, config_kwargs)
 
 
 def test_the_suite_is_peft_s_own_files_at_the_installed_version():

@@ -48,6 +48,10 @@ def test_not_a_vit(capsys, tmp_path):
            "--model must be a timm vit_* model", capsys, tmp_path)
 
 
+def test_depth_out_of_range(capsys, tmp_path):
+    _fails("vit_split_imagenet", ["--depth", "0"], "--depth must be >= 1, got 0", capsys, tmp_path)
+
+
 def test_budget_out_of_range(capsys, tmp_path):
     _fails("vit_split_imagenet", ["--budget", "1.5"], "--budget must be in (0, 1], got 1.5",
            capsys, tmp_path)

@@ -11,12 +11,20 @@ from .model import HalrpModel
 
 
 def attach(
-    model: nn.Module, budget: float = 0.05, *, config: HalrpConfig | None = None, **options: Any
+    model: nn.Module,
+    budget: float = 0.05,
+    *,
+    config: HalrpConfig | None = None,
+    autocast_adapter_dtype: bool = True,
+    **options: Any,
 ) -> HalrpModel:
     """Attach HALRP task adapters to `model` (in place) and return the handle.
 
     `budget` bounds what each task may add, as a share of the backbone's parameters.
-    `options` are the fields of `HalrpConfig` (or pass a whole `config`).
+    `options` are the fields of `HalrpConfig` (or pass a whole `config`, which is copied,
+    never changed). `autocast_adapter_dtype` (PEFT's option of the same name) gives the tasks
+    of a float16 / bfloat16 backbone float32 tensors, so that small updates of the scales
+    are not rounded away; False keeps the backbone's dtype.
 
     Example:
         >>> import timm, halrp_adapt
@@ -36,4 +44,8 @@ def attach(
             raise TypeError("`budget` is set in `config`; do not pass both.")
     else:
         config = HalrpConfig.from_options(budget=budget, **options)
-    return HalrpModel(model, config)
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise TypeError(
+            f"`autocast_adapter_dtype` must be True or False, got {autocast_adapter_dtype!r}."
+        )
+    return HalrpModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -92,7 +92,7 @@ def estimate_task(
     steps: int | None,
     lr: float | None,
 ) -> EstimateResult:
-    cfg = handle.config
+    cfg = handle._tasks[task].config  # the task's own options (PEFT adapters may differ)
     loss_fn = loss_fn or default_loss
     layers = handle.adapter_layers()
 

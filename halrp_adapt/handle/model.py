@@ -252,6 +252,8 @@ class HalrpModel(nn.Module):
                 )
         trains_base = self.config.train_base and not self._tasks
         scaled = set(select_scaled(list(self.adapter_layers()), options.scale_modules))
+        if not trains_base:  # a PEFT adapter's own budget and scales are checked as attach's
+            self._check_budget_covers_fixed_cost(options.budget, scaled)
         self._add_skeleton(name, options, scaled, trains_base, num_classes, low_cpu_mem_usage)
         config = dataclasses.replace(
             copy.deepcopy(options),
@@ -517,10 +519,10 @@ class HalrpModel(nn.Module):
                 "(train_base=True): there is nothing to estimate; train it, "
                 "then end_task()."
             )
-        if fisher_data is not None and self.config.fisher != "pass":
+        if fisher_data is not None and info.config.fisher != "pass":
             warnings.warn(
                 "`fisher_data` is read only with fisher='pass'; with "
-                f"fisher={self.config.fisher!r} the Fisher comes from the trial's own steps.",
+                f"fisher={info.config.fisher!r} the Fisher comes from the trial's own steps.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -977,17 +979,20 @@ class HalrpModel(nn.Module):
             for norm in self.task_norms().values():
                 norm.base_layer.load_state_dict(norm.halrp_norm[task].state_dict())
 
-    def _check_budget_covers_fixed_cost(self) -> None:
-        fixed = fixed_task_cost(
-            self.adapter_layers(), list(self.task_norms().values()), self._scaled_layers
-        )
-        allowed = self.config.budget * self.backbone_params
+    def _check_budget_covers_fixed_cost(
+        self, budget: float | None = None, scaled: set[str] | None = None
+    ) -> None:
+        budget = self.config.budget if budget is None else budget
+        scaled = self._scaled_layers if scaled is None else scaled
+        fixed = fixed_task_cost(self.adapter_layers(), list(self.task_norms().values()), scaled)
+        allowed = budget * self.backbone_params
         if fixed > allowed:
             raise ValueError(
-                f"`budget`={self.config.budget} allows {allowed:,.0f} parameters per task, "
+                f"`budget`={budget} allows {allowed:,.0f} parameters per task, "
                 f"less than the {fixed:,} every task stores before any low-rank factor (scales, "
                 f"biases and norms of {len(self.adapter_layers())} layers); use budget >= "
-                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`)."
+                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`, "
+                "`scale_modules`)."
             )
 
 
