@@ -320,8 +320,12 @@ ABLATIONS: dict[str, Variant] = {
     "scales only on layers without factors": Variant(options={"scale_modules": "grouped"}),
     # Rank estimation as the reference does it (and this project did up to 0.x): a separate
     # Fisher pass at the trial's final weights and full SVDs of every residual.
-    "reference estimation (Fisher pass + full SVD)": Variant(options={"fisher": "pass",
+    "reference estimation (Fisher pass + full SVD)": Variant(options={"trial": "full",
+                                                                      "fisher": "pass",
                                                                       "svd": "full"}),
+    # The paper's trial: every adapted weight of a merged copy trained densely with Adam (the
+    # default up to issue 23), against the default low-rank trial on the model itself.
+    "full trial (merged copy, dense Adam)": Variant(options={"trial": "full"}),
 }
 
 

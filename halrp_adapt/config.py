@@ -16,6 +16,7 @@ from peft import PeftConfig
 
 SVD_METHODS = ("auto", "full", "randomized")
 FISHER_METHODS = ("trial", "pass")
+TRIAL_METHODS = ("low-rank", "full")
 SIGNATURE_CHOICES = ("backbone", "task", None)
 FORMAT_VERSION = 1
 
@@ -105,6 +106,22 @@ class HalrpConfig(PeftConfig):
         metadata={
             "help": "Adam learning rate of the trial, or 'auto': by kind of backbone "
             "(trial.TRIAL_LRS; the paper's 1e-3 for a backbone trained by the first task)."
+        },
+    )
+    trial: str = field(
+        default="low-rank",
+        metadata={
+            "help": "How the trial fine-tune runs: 'low-rank' (on the model itself, through "
+            "the task's own scales, biases, norms and head plus temporary factors of rank "
+            "`trial_rank`: no copy of the model, no dense gradient or optimiser state) or "
+            "'full' (the paper's: every adapted weight of a merged copy trained with Adam)."
+        },
+    )
+    trial_rank: int = field(
+        default=32,
+        metadata={
+            "help": "Rank of the temporary factors of a low-rank trial (the change a layer "
+            "can make beyond its scales, and so the largest rank it can be given)."
         },
     )
     fisher: str = field(
@@ -224,6 +241,9 @@ class HalrpConfig(PeftConfig):
         for name in ("task_heads", "train_base", "init_weights", "trains_base"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.trial not in TRIAL_METHODS:
+            raise ValueError(f"`trial` must be one of {TRIAL_METHODS}, got {self.trial!r}.")
+        _check_int("trial_rank", self.trial_rank, minimum=1)
         if self.fisher not in FISHER_METHODS:
             raise ValueError(f"`fisher` must be one of {FISHER_METHODS}, got {self.fisher!r}.")
         if self.svd not in SVD_METHODS:

@@ -50,11 +50,21 @@ def test_speed_quick():
     step = out["steps"][0]
     assert {"train_ratio", "merged_vs_plain", "unmerged_halrp_vs_lora"} <= set(step)
     estimation = out["estimation"][0]
-    for way in ("reference", "default"):
+    for way in ("reference", "full", "default"):
         assert set(estimation[f"seconds_{way}"]) == {"trial", "fisher", "decompose", "allocate"}
     assert estimation["seconds_default"]["fisher"] < estimation["seconds_reference"]["fisher"]
     assert 0 <= estimation["rank_agreement"] <= 1
     assert [row["shape"] for row in out["svd"]] == [[256, 256]]
+
+
+def test_memory_quick():
+    out = _run("memory", "--quick", "--backbones", "lm")  # a fresh process per row: one backbone
+    assert {(r["backbone"], r["method"]) for r in out["rows"]} == {
+        ("lm", m) for m in ("lora", "full", "halrp", "halrp-full")}
+    for ratios in out["over_lora"].values():
+        assert ratios["lora"] == 1.0 and all(v > 0 for v in ratios.values())
+    assert set(out["llama_7b"]["over_lora"]) == {"lora", "full", "halrp", "halrp-full"}
+    assert out["llama_7b"]["over_lora"]["full"] > out["llama_7b"]["over_lora"]["halrp"]
 
 
 def test_gpu_study_quick_on_cpu():

@@ -1,4 +1,5 @@
-"""Rank estimation's fast paths: the Fisher from the trial's own steps, truncated SVDs."""
+"""Rank estimation's paths: the low-rank trial (the default) and the full one, the Fisher from
+the trial's own steps or a pass, truncated SVDs."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def test_trial_fisher_runs_no_pass_and_the_pass_stays_an_option(monkeypatch):
     monkeypatch.setattr(trial_module, "empirical_fisher", counted)
     for fisher, expected_calls in (("trial", 0), ("pass", 1)):
         calls.clear()
-        cl = halrp_adapt.attach(_mlp(), budget=0.5, fisher=fisher)
+        cl = halrp_adapt.attach(_mlp(), budget=0.5, fisher=fisher, trial="full")
         cl.add_task("a", num_classes=4)
         cl.estimate_ranks(_data(), steps=5)
         assert len(calls) == expected_calls
@@ -76,7 +77,28 @@ def test_trial_fisher_runs_no_pass_and_the_pass_stays_an_option(monkeypatch):
         cl.estimate_ranks(_data(), fisher_data=_data(), steps=2)
 
 
+def test_the_low_rank_trial_measures_its_fisher_in_the_trial_or_a_pass(monkeypatch):
+    calls = []
+    real = estimate_module.dense_gradient_fisher_pass
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "dense_gradient_fisher_pass", counted)
+    fishers = {}
+    for fisher, expected_calls in (("trial", 0), ("pass", 1)):
+        calls.clear()
+        cl = halrp_adapt.attach(_mlp(), budget=0.5, fisher=fisher)
+        cl.add_task("a", num_classes=4)
+        cl.estimate_ranks(_data(), steps=5)
+        assert len(calls) == expected_calls
+        fishers[fisher] = cl._tasks["a"].estimate.fisher
+        assert set(fishers[fisher]) == {"0", "2"} and all(v > 0 for v in fishers[fisher].values())
+
+
 def _ranks(**options):
+    options.setdefault("trial", "full")  # the SVD options are the full trial's
     cl = halrp_adapt.attach(_mlp(), budget=1.0, upper_rank=4, **options)
     cl.add_task("a", num_classes=4)
     torch.manual_seed(5)

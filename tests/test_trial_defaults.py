@@ -224,7 +224,7 @@ def test_the_trial_trains_only_what_the_task_keeps(monkeypatch):
 
     monkeypatch.setattr(trial_module, "trial_finetune", spy)
     original = copy.deepcopy(model)
-    cl = halrp_adapt.attach(model, budget=0.2)
+    cl = halrp_adapt.attach(model, budget=0.2, trial="full")
     cl.add_task("t")
     cl.estimate_ranks([{"input_ids": torch.randint(0, 32, (2, 8))}] * 2, loss_fn=_lm_loss)
     assert "transformer.wte.weight" not in seen["trainable"]  # tied to lm_head: shared
@@ -232,3 +232,34 @@ def test_the_trial_trains_only_what_the_task_keeps(monkeypatch):
     assert "transformer.h.0.attn.c_attn.weight" in seen["trainable"]
     assert "transformer.h.0.ln_1.weight" in seen["trainable"]
     assert seen["moved"] <= seen["trainable"] and seen["moved"]
+
+
+def test_the_low_rank_trial_trains_the_task_itself_and_no_shared_weight(monkeypatch):
+    """The default trial runs on the model itself: only the task's own tensors (scales, biases,
+    norms, trial factors) train; the backbone, its embeddings and the tied head never move."""
+    from halrp_adapt.handle import estimate as estimate_module
+
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+    seen = {}
+    real = estimate_module.trial_finetune
+
+    def spy(trained, *args, trainable=None, **kwargs):
+        seen["model"], seen["trainable"] = trained, set(trainable)
+        return real(trained, *args, trainable=trainable, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "trial_finetune", spy)
+    merges = []
+    cl = halrp_adapt.attach(model, budget=0.2, trial_rank=4)
+    monkeypatch.setattr(cl, "merge", lambda *a, **k: merges.append(1))
+    backbone = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cl.add_task("t")
+    cl.estimate_ranks([{"input_ids": torch.randint(0, 32, (2, 8))}] * 2, loss_fn=_lm_loss)
+    assert seen["model"] is model and not merges  # no copy of the model
+    assert seen["trainable"] and all(".halrp_" in n and n.endswith(".t") or ".halrp_norm.t." in n
+                                     for n in seen["trainable"])
+    for name, before in backbone.items():  # every tensor the model had before the task
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+    ranks = cl._tasks["t"].estimate.ranks
+    assert ranks and max(ranks.values()) <= 4  # at most the trial factors' rank
+    assert {p for p in cl.trainable_parameters()} == set(cl._task_parameters("t"))

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..adapters.layers import HalrpLayer
+from ..config import HalrpConfig
+from ..files.serialization import is_sharded
 from ..method.allocation import LayerSpectrum, budget_ranks, explained_counts, explained_ranks
-from ..method.decompose import Spectrum, decompose, factors_from_svd, fit_scales, residual
-from ..method.losses import LossFn, default_loss
-from ..method.trial import resolve_trial_lr, trial_with_fisher
+from ..method.decompose import (
+    Spectrum,
+    decompose,
+    decompose_product,
+    factors_from_svd,
+    fit_scales,
+    residual,
+)
+from ..method.fisher import DenseGradientFisher, dense_gradient_fisher_pass
+from ..method.losses import LossFn, batch_size, default_loss
+from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune, trial_with_fisher
 from .accounting import task_stats
 
 if TYPE_CHECKING:
@@ -105,54 +117,25 @@ def estimate_task(
         seconds[phase] = now - clock
         clock = now
 
-    # 1. Trial fine-tune of a plain copy of the task's model: what the task keeps is free.
-    # 2. Empirical Fisher of each low-rank-capable layer: from the trial's last steps, or a
-    #    pass at the trial's final weights (the reference's way).
-    trial = handle.merge(task)
-    trial_modules = dict(trial.named_modules())
-    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
-    measured = {n: trial_modules[n].weight for n in low_rank}
-    trial_lr = resolve_trial_lr(
-        cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
-    )
-    taken, fisher = trial_with_fisher(
-        trial,
-        data,
-        loss_fn,
-        measured,
-        fisher=cfg.fisher,
+    trial = Trial(
+        data=data,
+        loss_fn=loss_fn,
         fisher_data=fisher_data,
         epochs=cfg.trial_epochs if epochs is None else epochs,
         steps=cfg.trial_steps if steps is None else steps,
-        lr=trial_lr,
-        trainable=kept_parameter_names(handle, trial),
+        lr=resolve_trial_lr(
+            cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
+        ),
         lap=lap,
     )
-
-    # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).
-    spectra: dict[str, Spectrum] = {}
-    residuals: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            # float64 steps that Apple's MPS lacks run on the CPU there (set_* copies back).
-            work = "cpu" if layer.weight.device.type == "mps" else layer.weight.device
-            w_free = layer.canonical(trial_modules[name].weight.detach()).to(work)
-            w_base = layer.canonical(layer.weight.detach()).to(work)
-            if task in layer.halrp_r:
-                r, s = fit_scales(w_free, w_base, layer.groups)
-                layer.set_scales(task, r, s)
-            else:  # a layer left out of `scale_modules`: its factors carry the whole change
-                r = w_base.new_ones(w_base.shape[0])
-                s = w_base.new_ones(w_base.shape[1] * layer.groups)
-            if name not in low_rank:
-                continue
-            d = residual(w_free, w_base, r, s)
-            method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim, cfg.upper_rank)
-            spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank, oversample=OVERSAMPLE)
-            if len(spectra[name].S) < min(d.shape):
-                residuals[name] = d
-        _adopt_trial_state(handle, task, trial_modules)
-    del trial, trial_modules
+    # 1-4: the trial fine-tune, the Fisher of each low-rank-capable layer, the task's scales
+    # and the spectrum of each layer's residual. A sharded model's trial runs on a plain copy:
+    # its own forward is a collective, and estimation runs on the main process alone.
+    if cfg.trial == "full" or is_sharded(handle.model):
+        taken, fisher, spectra, residuals = _full_trial(handle, task, cfg, trial)
+    else:
+        taken, fisher, spectra = _low_rank_trial(handle, task, cfg, trial)
+        residuals = {}
 
     def described() -> list[LayerSpectrum]:
         return [
@@ -189,11 +172,14 @@ def estimate_task(
     room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
     ranks = budget_ranks(spectrum_list, caps, room)
 
-    # 7. Factors from the SVD.
-    for name, rank in ranks.items():
+    # 7. Factors from the SVD (a low-rank trial's own factors are replaced or dropped).
+    for name in spectra:
+        rank = ranks.get(name, 0)
         if rank > 0:
             A, B = factors_from_svd(spectra[name], rank)
             layers[name].set_low_rank(task, A, B)
+        else:
+            layers[name].clear_low_rank(task)
     lap("allocate")
     return EstimateResult(
         ranks=ranks,
@@ -201,6 +187,201 @@ def estimate_task(
         fisher=fisher,
         singular_values={n: s.S for n, s in spectra.items()},
         trial_steps=taken,
-        trial_lr=trial_lr,
+        trial_lr=trial.lr,
         seconds=seconds,
     )
+
+
+@dataclass
+class Trial:
+    """What the trial fine-tune runs on and how long (`estimate_ranks`' arguments resolved)."""
+
+    data: Iterable[Any]
+    loss_fn: LossFn
+    fisher_data: Iterable[Any] | None
+    epochs: int
+    steps: int | None
+    lr: float
+    lap: Callable[[str], None]
+
+
+def _full_trial(
+    handle: HalrpModel, task: str, cfg: HalrpConfig, trial: Trial
+) -> tuple[int, dict[str, float], dict[str, Spectrum], dict[str, torch.Tensor]]:
+    """The paper's estimation: a merged copy of the task's model fine-tuned freely (every
+    weight the task adapts trained densely, with Adam), the Fisher, least-squares scales and
+    the SVD of each residual `W_free - diag(r) W0 diag(s)`. Returns the steps, the Fisher, the
+    spectra, and the residuals whose SVD was truncated (for a whole one later if needed)."""
+    layers = handle.adapter_layers()
+    # 1. Trial fine-tune of a plain copy of the task's model: what the task keeps is free.
+    # 2. Empirical Fisher of each low-rank-capable layer: from the trial's last steps, or a
+    #    pass at the trial's final weights (the reference's way).
+    plain = handle.merge(task)
+    plain_modules = dict(plain.named_modules())
+    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
+    measured = {n: plain_modules[n].weight for n in low_rank}
+    taken, fisher = trial_with_fisher(
+        plain,
+        trial.data,
+        trial.loss_fn,
+        measured,
+        fisher=cfg.fisher,
+        fisher_data=trial.fisher_data,
+        epochs=trial.epochs,
+        steps=trial.steps,
+        lr=trial.lr,
+        trainable=kept_parameter_names(handle, plain),
+        lap=trial.lap,
+    )
+
+    # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).
+    spectra: dict[str, Spectrum] = {}
+    residuals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            # float64 steps that Apple's MPS lacks run on the CPU there (set_* copies back).
+            work = "cpu" if layer.weight.device.type == "mps" else layer.weight.device
+            w_free = layer.canonical(plain_modules[name].weight.detach()).to(work)
+            w_base = layer.canonical(layer.weight.detach()).to(work)
+            if task in layer.halrp_r:
+                r, s = fit_scales(w_free, w_base, layer.groups)
+                layer.set_scales(task, r, s)
+            else:  # a layer left out of `scale_modules`: its factors carry the whole change
+                r = w_base.new_ones(w_base.shape[0])
+                s = w_base.new_ones(w_base.shape[1] * layer.groups)
+            if name not in low_rank:
+                continue
+            d = residual(w_free, w_base, r, s)
+            method = svd_method(cfg.svd, min(d.shape), cfg.randomized_min_dim, cfg.upper_rank)
+            spectra[name] = decompose(d, method, rank_cap=cfg.upper_rank, oversample=OVERSAMPLE)
+            if len(spectra[name].S) < min(d.shape):
+                residuals[name] = d
+        _adopt_trial_state(handle, task, plain_modules)
+    return taken, fisher, spectra, residuals
+
+
+def _low_rank_trial(
+    handle: HalrpModel, task: str, cfg: HalrpConfig, trial: Trial
+) -> tuple[int, dict[str, float], dict[str, Spectrum]]:
+    """Estimation within the task's own parametrization, on the model itself: no copy of the
+    model and no dense gradient or optimiser state.
+
+    Each low-rank-capable layer gets temporary factors of rank `trial_rank` (A random, B = 0,
+    as a new LoRA adapter, so the task starts where it was); the trial trains everything the
+    task keeps (scales, biases, norms, head) and those factors with Adam, so that
+    `W_free = diag(r) W0 diag(s) + B A`. The trained scales are the task's (the least-squares
+    fit of the full trial is not needed: they are the scales of W_free by construction), the
+    residual is `B A` exactly and its SVD comes from the factors alone (`decompose_product`).
+    The Fisher is that of each layer's effective weight, made one layer at a time inside the
+    backward (`DenseGradientFisher`) over the trial's last steps, or in a pass (`fisher="pass"`).
+    """
+    layers = handle.adapter_layers()
+    low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
+    saved = _task_snapshot(handle, task)
+    try:
+        return _train_low_rank(handle, task, cfg, trial, low_rank)
+    except BaseException:
+        _restore_task(handle, task, saved)  # a failed trial leaves the task as it was
+        raise
+
+
+def _train_low_rank(
+    handle: HalrpModel,
+    task: str,
+    cfg: HalrpConfig,
+    trial: Trial,
+    low_rank: dict[str, HalrpLayer],
+) -> tuple[int, dict[str, float], dict[str, Spectrum]]:
+    with torch.no_grad():
+        for layer in low_rank.values():
+            k = min(cfg.trial_rank, layer.in_features, layer.out_features)
+            w = layer.weight
+            A = torch.empty(k, layer.in_features, device=w.device, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(A, a=5**0.5)  # nn.Linear's own init, as LoRA's A
+            layer.set_low_rank(task, A, A.new_zeros(layer.out_features, k))
+    model = handle.model
+    own = {id(p) for p in handle._task_parameters(task)}
+    trainable = {n for n, p in model.named_parameters() if id(p) in own}
+    gathered = None
+    if cfg.fisher == "trial":
+        gathered = DenseGradientFisher(
+            low_rank, planned_steps(trial.data, trial.epochs, trial.steps)
+        )
+    was_training = model.training
+    try:
+        with handle.task(task), gathered.attached() if gathered else contextlib.nullcontext():
+            taken = trial_finetune(
+                model,
+                trial.data,
+                trial.loss_fn,
+                epochs=trial.epochs,
+                steps=trial.steps,
+                lr=trial.lr,
+                trainable=trainable,
+                before_step=gathered.before_step if gathered else None,
+                after_backward=None
+                if gathered is None
+                else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
+            )
+            trial.lap("trial")
+            if gathered is not None:
+                fisher = gathered.result()
+            else:
+                source = trial.fisher_data if trial.fisher_data is not None else trial.data
+                fisher = dense_gradient_fisher_pass(model, source, low_rank, trial.loss_fn)
+            trial.lap("fisher")
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+        handle._make_trainable(task)  # the trial set every parameter's requires_grad
+    with torch.no_grad():
+        spectra = {}
+        for name, layer in low_rank.items():
+            trained_a, trained_b = layer.factor(task, "A"), layer.factor(task, "B")
+            assert trained_a is not None and trained_b is not None  # given above
+            spectra[name] = decompose_product(trained_b.detach(), trained_a.detach())
+    return taken, fisher, spectra
+
+
+def _task_snapshot(handle: HalrpModel, task: str) -> dict[str, Any]:
+    """Copies of task `task`'s tensors in every wrapper (its factors as dense A, B)."""
+    saved: dict[str, Any] = {}
+    for name, module in handle._routed_by_name.items():
+        entries: dict[str, Any] = {}
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr)
+            if task in container and attr not in FACTOR_CONTAINERS:
+                entry = container[task]
+                entries[attr] = (
+                    {k: v.detach().clone() for k, v in entry.state_dict().items()}
+                    if isinstance(entry, torch.nn.Module)
+                    else entry.detach().clone()
+                )
+        if isinstance(module, HalrpLayer) and module.rank(task):
+            factors = (module.factor(task, "A"), module.factor(task, "B"))
+            entries["factors"] = tuple(f.detach().clone() for f in factors if f is not None)
+        saved[name] = entries
+    return saved
+
+
+def _restore_task(handle: HalrpModel, task: str, saved: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for name, entries in saved.items():
+            module = handle._routed_by_name[name]
+            for attr, value in entries.items():
+                if attr == "factors":
+                    continue
+                entry = getattr(module, attr)[task]
+                if isinstance(entry, torch.nn.Module):
+                    entry.load_state_dict(value)
+                else:
+                    entry.copy_(value)
+            if isinstance(module, HalrpLayer):
+                if "factors" in entries:
+                    module.set_low_rank(task, *entries["factors"])
+                else:
+                    module.clear_low_rank(task)
+    handle._make_trainable(task)
+
+
+FACTOR_CONTAINERS = ("halrp_A", "halrp_B", "halrp_A_values", "halrp_B_values")

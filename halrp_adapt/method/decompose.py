@@ -79,6 +79,22 @@ def decompose(
     return Spectrum(U, S, Vh, energy)
 
 
+def decompose_product(B: Tensor, A: Tensor) -> Spectrum:
+    """The exact SVD of `B @ A` (B out x k, A k x in) without forming it: QR of each factor,
+    then the SVD of the k x k core, in float64. Its rank is at most k.
+
+    Example:
+        >>> B, A = torch.randn(5, 2), torch.randn(2, 4)
+        >>> s = decompose_product(B, A)
+        >>> bool(torch.allclose((s.U * s.S) @ s.Vh, (B @ A).double()))
+        True
+    """
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    u, S, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return Spectrum(qb @ u, S, vh @ qa.T, float((S**2).sum()))
+
+
 def factors_from_svd(spectrum: Spectrum, rank: int) -> tuple[Tensor, Tensor]:
     """`B = U_k sqrt(S_k)` (out x k) and `A = sqrt(S_k) V_k^T` (k x in)."""
     root = spectrum.S[:rank].clamp(min=0).sqrt()

@@ -61,13 +61,15 @@ def trial_finetune(
     lr: float,
     trainable: Collection[str] | None = None,
     after_backward: Callable[[int, Any], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> int:
     """Train `model`'s parameters named in `trainable` (default: all) with Adam, unregularised;
     return the steps taken. The others are frozen for the trial.
 
     `steps`, when given, stops training after that many batches whatever `epochs` says
     (looping over `data` again if needed). `after_backward(step, batch)` runs between each
-    step's backward and its update (`TrialFisher` reads the gradients there).
+    step's backward and its update (`TrialFisher` reads the gradients there), `before_step(step)`
+    before its forward (`DenseGradientFisher` starts listening there).
     """
     params = []
     for name, p in model.named_parameters():
@@ -82,6 +84,8 @@ def trial_finetune(
         seen = 0
         for batch in data:
             optimizer.zero_grad(set_to_none=True)
+            if before_step is not None:
+                before_step(taken)
             loss_fn(model, batch).backward()
             if after_backward is not None:
                 after_backward(taken, batch)

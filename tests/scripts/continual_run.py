@@ -74,12 +74,14 @@ def main() -> None:
     parser.add_argument("--scenario", default="task-incremental")
     parser.add_argument("--blocks", action="store_true", help="a model with blocks (BlockNet)")
     parser.add_argument("--fsdp", action="store_true", help="shard the backbone with FSDP2")
+    parser.add_argument("--trial", default="low-rank",
+                        help="HalrpConfig.trial (a sharded model's estimation uses 'full')")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, test = embedded_fashion_mnist()
     tasks = split_into_tasks(train, test, 5, to_tensor, seed=0, val_fraction=0.1)[:args.tasks]
     model = BlockNet() if args.blocks else mlp(args.batch_norm)
-    handle = halrp_adapt.attach(model, budget=0.2, train_base=True)
+    handle = halrp_adapt.attach(model, budget=0.2, train_base=True, trial=args.trial)
     accelerator = Accelerator(cpu=True)
     trainer = ContinualTrainer(handle, tasks, TrainConfig(epochs=args.epochs,
                                                           batch_size=args.batch_size, seed=0),

@@ -114,6 +114,12 @@ class HalrpLayer(TaskRouted):
         """`x` through B A (spread over the kernel for convs)."""
         raise NotImplementedError
 
+    def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
+        """`||dL/dW||_F^2` of the layer's effective weight, from its input `x` (as `forward`
+        got it) and its output's gradient, in float32; the dense gradient lives only inside
+        this call (the low-rank trial's Fisher, `method/fisher.py` `DenseGradientFisher`)."""
+        raise NotImplementedError
+
     def channel_view(self, v: Tensor) -> Tensor:
         """View a per-output-channel vector so it broadcasts over this layer's output."""
         return v
@@ -225,6 +231,10 @@ class HalrpLayer(TaskRouted):
             getattr(self, f"halrp_{which}_mask")[task] = torch.zeros(
                 (shape[0] * shape[1] + 7) // 8, device=w.device, dtype=torch.uint8
             )
+
+    def clear_low_rank(self, task: str) -> None:
+        """Remove the task's factors: the layer's change is its scales and bias alone."""
+        self._drop_factors(task)
 
     def _drop_factors(self, task: str) -> None:
         for attr in (

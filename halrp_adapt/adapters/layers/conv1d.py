@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import HalrpLayer
+from .linear import dense_gradient_norm2
 
 
 class HalrpConv1D(HalrpLayer):
@@ -39,3 +40,6 @@ class HalrpConv1D(HalrpLayer):
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return torch.matmul(torch.matmul(x, A.t()), B.t())
+
+    def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
+        return dense_gradient_norm2(x, grad_output)

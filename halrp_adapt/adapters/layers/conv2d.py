@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 from ..routing import RowRouting
 from .base import HalrpLayer
@@ -135,3 +136,21 @@ class HalrpConv2d(HalrpLayer):
         else:
             z = F.conv2d(z, ones, None, conv.stride, conv.padding, conv.dilation, groups=k)
         return F.conv2d(z, B[:, :, None, None])
+
+    def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
+        conv = self.base_layer
+        if self.pad is not None:
+            x = self.pad(conv, x)
+        elif any(conv._reversed_padding_repeated_twice):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        grad = conv2d_weight(
+            x.float(),
+            self.weight.shape,
+            grad_output.float(),
+            stride=conv.stride,
+            padding=0,
+            dilation=conv.dilation,
+            groups=conv.groups,
+        )
+        return grad.pow(2).sum()

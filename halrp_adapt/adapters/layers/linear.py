@@ -48,3 +48,18 @@ class HalrpLinear(HalrpLayer):
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return F.linear(F.linear(x, A), B)
+
+    def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
+        return dense_gradient_norm2(x, grad_output)
+
+
+def dense_gradient_norm2(x: Tensor, grad_output: Tensor) -> Tensor:
+    """`||G^T X||_F^2` for rows X (.., in) and G (.., out): the squared norm of a linear map's
+    weight gradient (either layout), through the smaller of the (out, in) gradient and the two
+    (rows, rows) Gram matrices."""
+    xs = x.reshape(-1, x.shape[-1]).float()
+    gs = grad_output.reshape(-1, grad_output.shape[-1]).float()
+    rows = xs.shape[0]
+    if rows * rows < xs.shape[1] * gs.shape[1]:
+        return ((gs @ gs.T) * (xs @ xs.T)).sum()
+    return (gs.T @ xs).pow(2).sum()

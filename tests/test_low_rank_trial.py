@@ -1,0 +1,138 @@
+"""The low-rank trial's parts: dense weight gradients made layer by layer, the SVD of a product,
+the Fisher it measures, and estimation on bfloat16 backbones and with gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import halrp_adapt
+from halrp_adapt.adapters.layers import HalrpConv1D, HalrpConv2d, HalrpLinear
+from halrp_adapt.method.decompose import decompose_product
+from halrp_adapt.method.fisher import DenseGradientFisher, TrialFisher
+
+from conftest import batches, train_steps
+
+
+def _conv(**kwargs):
+    return nn.Conv2d(3, 5, 3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Linear(6, 4), (2, 7, 6)),
+        (lambda: Conv1D(4, 6), (2, 7, 6)),
+        (lambda: _conv(padding=1), (2, 3, 8, 8)),
+        (lambda: _conv(stride=2, dilation=2, padding=2, padding_mode="reflect"), (2, 3, 9, 9)),
+        (lambda: _conv(padding="same"), (2, 3, 6, 6)),
+        (lambda: timm.layers.Conv2dSame(3, 5, 3, stride=2), (2, 3, 7, 7)),
+        (lambda: nn.Linear(64, 48), (3, 64)),  # more weight entries than rows squared
+    ],
+    ids=["linear", "conv1d", "conv2d", "conv2d-reflect-strided", "conv2d-same", "timm-same",
+         "linear-gram"],
+)
+def test_the_dense_weight_gradient_norm_matches_autograd(make, shape):
+    torch.manual_seed(0)
+    base = make()
+    x = torch.randn(*shape)
+    out = base(x)
+    grad_out = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, base.weight, grad_out)
+    layer = {nn.Linear: HalrpLinear, Conv1D: HalrpConv1D}.get(type(base), HalrpConv2d)(base)
+    got = layer.weight_gradient_norm2(x, grad_out)
+    torch.testing.assert_close(got, expected.pow(2).sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_decompose_product_is_the_svd_of_the_product():
+    torch.manual_seed(0)
+    B, A = torch.randn(9, 3), torch.randn(3, 7)
+    spectrum = decompose_product(B, A)
+    full = torch.linalg.svdvals((B @ A).double())
+    torch.testing.assert_close(spectrum.S, full[:3])
+    torch.testing.assert_close((spectrum.U * spectrum.S) @ spectrum.Vh, (B @ A).double())
+    assert spectrum.energy == pytest.approx(float((B @ A).double().pow(2).sum()))
+
+
+def test_the_dense_gradient_fisher_equals_the_trial_fisher_of_the_same_weights():
+    """The same statistic two ways: gradients of a dense weight (TrialFisher), and the layer's
+    effective weight through scales and factors (DenseGradientFisher)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    cl = halrp_adapt.attach(net, budget=1.0, init_weights=False, task_heads=False)
+    cl.add_task("t")
+    plain = cl.merge("t")
+    data = batches(n=3, size=4, shape=(5,), classes=3, seed=1)
+    dense = TrialFisher({"0": plain[0].weight}, total_steps=3)
+    probed = DenseGradientFisher({"0": cl.adapter_layers()["0"]}, total_steps=3)
+    with probed.attached():
+        for step, (x, y) in enumerate(data):
+            for model, fisher in ((plain, dense), (cl.model, probed)):
+                model.zero_grad()
+                if fisher is probed:
+                    probed.before_step(step)
+                nn.functional.cross_entropy(model(x), y).backward()
+                fisher.after_backward(step, batch_size=4)
+    assert probed.result()["0"] == pytest.approx(dense.result()["0"], rel=1e-4)
+
+
+def test_estimation_on_a_bfloat16_backbone_keeps_float32_task_tensors_that_move():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 3))
+    cl = halrp_adapt.attach(net.to(torch.bfloat16), budget=0.9)
+    cl.add_task("t", num_classes=3)
+    data = [(x.to(torch.bfloat16), y) for x, y in batches(n=4, size=8, shape=(8,), seed=2)]
+    cl.estimate_ranks(data, steps=4, lr=1e-4)
+    assert {p.dtype for p in cl.trainable_parameters()} == {torch.float32}
+    r = cl.adapter_layers()["0"].halrp_r["t"]
+    assert not torch.equal(r, torch.ones_like(r))  # moved by 1e-4 steps: bf16 could not
+    train_steps(cl, data, steps=2, lr=1e-4)
+    cl.end_task()
+    merged = cl.merge("t").eval()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    cl.eval()
+    with torch.no_grad(), cl.task("t"):
+        torch.testing.assert_close(merged(data[0][0]).float(), cl(data[0][0]).float(),
+                                   atol=0.05, rtol=0.05)
+
+
+def _checkpointed_llama_estimate(checkpointing: str | None):
+    config = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config)
+    if checkpointing is not None:
+        reentrant = checkpointing == "reentrant"
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            lm.enable_input_require_grads()
+    cl = halrp_adapt.attach(lm, budget=0.5, trial_rank=4)
+    cl.add_task("t")
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 48, (2, 8), generator=g),
+             "labels": torch.randint(0, 48, (2, 8), generator=g)} for _ in range(3)]
+
+    def loss(model, batch):
+        return model(**batch).loss
+
+    torch.manual_seed(2)
+    ranks = cl.estimate_ranks(data, loss_fn=loss, steps=3)
+    return cl, data, loss, ranks
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_estimation_and_training_with_gradient_checkpointing(checkpointing):
+    plain, _, _, plain_ranks = _checkpointed_llama_estimate(None)
+    cl, data, loss, ranks = _checkpointed_llama_estimate(checkpointing)
+    fisher, expected = cl._tasks["t"].estimate.fisher, plain._tasks["t"].estimate.fisher
+    assert fisher.keys() == expected.keys() and all(v > 0 for v in fisher.values())
+    for name in fisher:  # measured once per layer and step, as without checkpointing
+        assert fisher[name] == pytest.approx(expected[name], rel=1e-3), name
+    assert ranks == plain_ranks
+    train_steps(cl, data, steps=2, loss_fn=loss)
+    assert cl.end_task().growth <= 0.5
