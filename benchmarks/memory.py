@@ -4,7 +4,8 @@ fine-tune, and what that means for a 7B model.
 Each measurement runs in a fresh process (`--child`), which builds the backbone, then lives one
 task and reports its peak resident memory (`ru_maxrss`) and its current RSS after building the
 model (the part every method shares):
-- `lora`: PEFT LoRA, rank 8 on every layer HALRP adapts, its own head trained as
+- `lora`: PEFT LoRA, rank 8 on every layer HALRP adapts (grouped convs aside, which LoRA
+  cannot take at rank 8), its own head trained as
   `modules_to_save` where the model has a head of its own; 3 training steps;
 - `full`: every parameter trained with Adam; 3 steps;
 - `halrp` (the default low-rank trial) and `halrp-full` (trial="full", the paper's): attach,
@@ -130,7 +131,8 @@ def live(kind: str, method: str, quick: bool) -> dict:
 
         # the layers HALRP would adapt, found on the model itself (a second model would count)
         probe = halrp_adapt.attach(model, budget=1.0)
-        targets = list(probe.adapter_layers())
+        # (PEFT's LoRA cannot take a grouped conv at rank 8: those keep HALRP's scales only)
+        targets = [n for n, layer in probe.adapter_layers().items() if layer.supports_low_rank]
         model = probe.unload()
         lora = get_peft_model(model, LoraConfig(
             r=8, lora_alpha=8, target_modules=targets,

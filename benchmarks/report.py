@@ -516,6 +516,88 @@ def estimation_quality(data: dict) -> list[str]:
     return lines
 
 
+def trial_quality(data: dict) -> list[str]:
+    """Study 8's trial ablation: the default low-rank trial against the full trial (the
+    default up to issue 23), paired by seed."""
+    label = "full trial (merged copy, dense Adam)"
+    names = sorted(data["acc"])
+    lines = ["### Rank estimation: the low-rank trial against the full trial", "",
+             f"Table: `{data['command']}` ({data['date']}). {data['note']}", "",
+             "| sequence | seeds | low-rank trial ACC (default) | full trial ACC | change | "
+             "layers with equal ranks | mean rank difference (low-rank mean rank) | estimation "
+             "s without the trial, low-rank / full |", "|---|---|---|---|---|---|---|---|"]
+    seconds = data.get("estimate_s_without_trial", {})
+    for s in names:
+        base, other = data["acc"][s].get("default", {}), data["acc"][s].get(label, {})
+        seeds = sorted(set(base) & set(other))
+        if not seeds:
+            continue
+        agree = data["rank_agreement"].get(label, {}).get(s, {})
+        mean = lambda d: sum(d[k] for k in seeds) / len(seeds)  # noqa: E731
+        lines.append(
+            f"| {s} | {len(seeds)} | {mean(base):.2f} | {mean(other):.2f} | "
+            f"{mean(base) - mean(other):+.2f} | {100 * agree.get('equal', float('nan')):.0f}% | "
+            f"{agree.get('mean_abs_difference', float('nan')):.2f} "
+            f"({agree.get('default_mean_rank', float('nan')):.1f}) | "
+            f"{seconds.get('default', {}).get(s, float('nan')):.2f} / "
+            f"{seconds.get(label, {}).get(s, float('nan')):.2f} |")
+    change = -data["mean_delta"][label] if label in data["mean_delta"] else float("nan")
+    per_seed = [data["acc"][s]["default"][k] - data["acc"][s][label][k]
+                for s in names for k in data["acc"][s].get("default", {})
+                if k in data["acc"][s].get(label, {})]
+    spread = f"{min(per_seed):+.2f} to {max(per_seed):+.2f}" if per_seed else "none"
+    lines += ["", f"Mean change of ACC, low-rank minus full trial, over the sequences: "
+              f"{change:+.2f} points; per seed and sequence, {spread} (identical runs of study "
+              "8 differ by up to 0.84). Ranks are the explained-share ranks before the budget "
+              "cuts them, layer by layer over every estimated task.", ""]
+    return lines
+
+
+def memory(data: dict) -> list[str]:
+    rows = {(r["backbone"], r["method"]): r for r in data["rows"]}
+    names = {"vit": "ViT-S/16, 224 px, batch 8", "cnn": "EfficientNet-Lite0, 224 px, batch 16",
+             "lm": "135M Llama-shaped causal LM, 8 x 64 tokens"}
+    methods = ("lora", "halrp", "halrp-full", "full")
+    lines = ["## 11. Memory of a task's whole life", "",
+             f"Command: {_provenance(data)}. Each cell is the peak RSS of a fresh process that "
+             "builds the backbone (float32, random weights) and lives one task: PEFT LoRA r8 "
+             "(on every layer HALRP adapts but grouped convs, head as `modules_to_save`) and a "
+             "full fine-tune with Adam train 3 steps; HALRP runs attach, add_task, "
+             "estimate_ranks (3 trial steps), 3 training steps and end_task with the task's "
+             "batches, with the default low-rank trial (`halrp`) or the paper's full trial "
+             "(`halrp-full`). Shared: the RSS once the backbone is built (the imports and the "
+             "weights), which every method holds.", "",
+             "| backbone | shared MB | " + " | ".join(f"{m} MB (x LoRA)" for m in methods)
+             + " |", "|---|---|" + "---|" * len(methods)]
+    for kind, ratios in data["over_lora"].items():
+        cells = " | ".join(f"{rows[kind, m]['peak_rss_mb']:.0f} ({ratios[m]:.2f}x)"
+                           for m in methods)
+        lines.append(f"| {names.get(kind, kind)} | {rows[kind, 'lora']['shared_rss_mb']:.0f} | "
+                     f"{cells} |")
+    seven = data.get("llama_7b")
+    if seven:
+        a = seven["assumptions"]
+        parts = seven["parts_gib"]
+        lines += ["", "A 7B Llama (6.74 B parameters, 32 layers, hidden 4096, MLP 11008), as "
+                  "arithmetic from the parts above: bf16 weights "
+                  f"({parts['weights']:.1f} GiB); activations scaled from the LM's measured "
+                  f"LoRA activations per token, layer and hidden unit "
+                  f"({a['activation_bytes_per_token_per_layer_per_hidden_unit_fp32']:.1f} bytes "
+                  f"in fp32, halved in bf16) to {a['tokens_per_batch']} tokens "
+                  f"({parts['activations']:.1f} GiB); task tensors in fp32 with their gradient "
+                  f"and two Adam moments (LoRA r8 {parts['lora_tensors']:.2f} GiB, the low-rank "
+                  f"trial's scales and rank-{a['trial_rank']} factors "
+                  f"{parts['halrp_low_rank_trial_tensors']:.2f} GiB); a full fine-tune's bf16 "
+                  "gradients and fp32 moments; the full trial's merged copy, its gradients and "
+                  "moments. HALRP's training step keeps no more activations than LoRA's "
+                  "(`adapters/layers/scaled.py`), so the activations are LoRA's for both.", "",
+                  "| method | GiB | x LoRA |", "|---|---|---|"]
+        for m in methods:
+            lines.append(f"| {m} | {seven['gib'][m]:.1f} | {seven['over_lora'][m]:.2f} |")
+    lines += ["", *_targets(data["targets"], data), ""]
+    return lines
+
+
 CI_LABELS = {"halrp+retrieval (backbone)": "HALRP, task found (backbone features)",
              "halrp+retrieval (task)": "HALRP, task found (each task's features)",
              "oracle": "HALRP told the task (oracle)",
@@ -676,7 +758,8 @@ def main() -> str:
                          ("norm_statistics", norm_statistics), ("quality", quality),
                          ("quality_budget_split", budget_split),
                          ("quality_estimation", estimation_quality),
-                         ("class_incremental", class_incremental)):
+                         ("quality_trial", trial_quality),
+                         ("class_incremental", class_incremental), ("memory", memory)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
     text = "\n".join(parts)

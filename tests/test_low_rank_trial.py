@@ -136,3 +136,110 @@ def test_estimation_and_training_with_gradient_checkpointing(checkpointing):
     assert ranks == plain_ranks
     train_steps(cl, data, steps=2, loss_fn=loss)
     assert cl.end_task().growth <= 0.5
+
+
+# ---- the lean backward of the scaled path (`adapters/layers/scaled.py`) ----------------------
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Linear(4, 3), (2, 5, 4)),
+        (lambda: Conv1D(3, 4), (2, 5, 4)),
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), (2, 4, 7, 7)),
+        (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (2, 4, 6, 6)),
+        (lambda: nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 5)),
+        (lambda: timm.layers.Conv2dSame(4, 6, 3, stride=2), (2, 4, 7, 7)),
+    ],
+    ids=["linear", "conv1d", "conv2d-strided", "depthwise-dilated", "grouped-1x1", "timm-same"],
+)
+@pytest.mark.parametrize("parts", ["r s bias A", "r s", "bias A", "s", "r s bias A inplace"])
+def test_the_lean_backward_is_autograd_s(make, shape, parts):
+    from halrp_adapt.adapters.layers.scaled import AdaptedForward
+
+    torch.manual_seed(0)
+    base = make().double()
+    layer = {nn.Linear: HalrpLinear, Conv1D: HalrpConv1D}.get(type(base), HalrpConv2d)(base)
+    assert layer.lean_backward
+    x = torch.randn(*shape, dtype=torch.float64)
+    if isinstance(layer, HalrpConv2d) and layer.pad is not None:
+        x = layer.pad(base, x)
+    words = parts.split()
+    r = torch.rand(layer.out_features, dtype=torch.float64) + 0.5 if "r" in words else None
+    s = torch.rand(layer.in_features, dtype=torch.float64) + 0.5 if "s" in words else None
+    b = torch.randn(layer.out_features, dtype=torch.float64) if "bias" in words else None
+    A = B = None
+    if "A" in words and layer.supports_low_rank:
+        A = torch.randn(2, layer.in_features, dtype=torch.float64)
+        B = torch.randn(layer.out_features, 2, dtype=torch.float64)
+    tensors = [t.requires_grad_() if t is not None else None for t in (x, r, s, b, A, B)]
+
+    def lean(*ts):
+        out = AdaptedForward.apply(*ts, layer)
+        if "inplace" in words:  # the next layer changes the output in place (an in-place ReLU)
+            out.relu_()
+        return out
+
+    def plain(x, r, s, b, A, B):
+        y = layer.scaled_forward(x, r, s, b)
+        out = y if A is None else y + layer.low_rank_forward(x, A, B)
+        return out.relu() if "inplace" in words else out
+
+    assert torch.autograd.gradcheck(lean, tuple(tensors))
+    probe = torch.randn_like(plain(*tensors))
+    got = torch.autograd.grad((lean(*tensors) * probe).sum(), [t for t in tensors if t is not None])
+    want = torch.autograd.grad((plain(*tensors) * probe).sum(),
+                               [t for t in tensors if t is not None])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_the_lean_backward_keeps_fewer_activations_than_plain_autograd():
+    """Saved-tensor bytes of a task's training forward on a small CNN: the lean step keeps
+    no activation of its own beyond what the norms and activations keep anyway."""
+    from halrp_adapt.adapters.layers import HalrpLayer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    cl = halrp_adapt.attach(net, budget=0.9, init_weights=False)
+    cl.add_task("t", num_classes=4)
+    cl.train()
+    x = torch.randn(8, 3, 16, 16)
+
+    def saved():
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cl(x).sum()
+        return sum(storages.values())
+
+    lean = saved()
+    try:
+        HalrpLayer.lean_backward = False
+        for layer in cl.adapter_layers().values():
+            layer.__dict__.pop("lean_backward", None)
+        plain = saved()
+    finally:
+        HalrpLayer.lean_backward = True
+    activations = 8 * 16 * 16 * 16 * 4  # one (8, 16, 16, 16) float32 tensor
+    assert plain - lean >= 3 * activations  # s*x and conv(s*x) of the first conv, and more
+
+
+def test_layers_whose_padding_has_no_transposed_conv_keep_plain_autograd():
+    assert not HalrpConv2d(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).lean_backward
+    assert not HalrpConv2d(nn.Conv2d(3, 4, 3, padding="same")).lean_backward
+
+
+def test_a_task_that_trains_the_backbone_gets_its_weight_gradients():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    cl = halrp_adapt.attach(net, budget=0.9, train_base=True)
+    cl.add_task("base", num_classes=2)
+    cl.train()
+    cl(torch.randn(2, 3, 8, 8)).sum().backward()
+    conv = cl.adapter_layers()["0"]
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

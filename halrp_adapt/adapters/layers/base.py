@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...method.sparse import compact, expand, worth_compacting
 from ..routing import RowRouting, TaskRouted
+from .scaled import adapted_forward
 
 
 def _own(t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -113,6 +114,21 @@ class HalrpLayer(TaskRouted):
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """`x` through B A (spread over the kernel for convs)."""
         raise NotImplementedError
+
+    # The frozen product alone, for `scaled.ScaledBase` (training keeps fewer activations).
+    lean_backward = True  # a subclass whose product has no such input gradient sets False
+
+    def base_product(self, h: Tensor) -> Tensor:
+        """`h` through W0, without the bias."""
+        raise NotImplementedError
+
+    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+        """The gradient of `base_product` with respect to its input of `input_shape`."""
+        raise NotImplementedError
+
+    def channel_dims(self, ndim: int) -> tuple[int, ...]:
+        """The dimensions of an input or output of `ndim` dimensions that are not channels."""
+        return tuple(range(ndim - 1))
 
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         """`||dL/dW||_F^2` of the layer's effective weight, from its input `x` (as `forward`
@@ -365,23 +381,24 @@ class HalrpLayer(TaskRouted):
         r = self.halrp_r[task] if task in self.halrp_r else None
         s = self.halrp_s[task] if task in self.halrp_s else None
         bias = self.halrp_bias[task] if task in self.halrp_bias else None
-        dtype = self.task_dtype(task)
-        if dtype == self.weight.dtype == x.dtype:
-            y = self.scaled_forward(x, r, s, bias)
-        else:  # float32 task tensors on a half-precision base: only W0's product in its dtype
-            xa = x.to(dtype)
-            h = xa if s is None else xa * self.channel_view(s)
-            y = self.scaled_forward(h.to(self.weight.dtype), None, None).to(dtype)
-            if r is not None:
-                y = y * self.channel_view(r)
-            if bias is not None:
-                y = y + self.channel_view(bias)
-            x = xa
+        A = B = None
         if self.rank(task):
             A, B = self.factor(task, "A"), self.factor(task, "B")
             assert A is not None and B is not None  # a task with a rank holds both factors
-            y = y + self.low_rank_forward(x, A, B)
-        return y.to(self.weight.dtype) if dtype != self.weight.dtype else y
+        dtype = self.task_dtype(task)
+        if dtype == self.weight.dtype == x.dtype:
+            return adapted_forward(self, x, r, s, bias, A, B)
+        # float32 task tensors on a half-precision base: only W0's product in its dtype
+        xa = x.to(dtype)
+        h = xa if s is None else xa * self.channel_view(s)
+        y = self.scaled_forward(h.to(self.weight.dtype), None, None).to(dtype)
+        if r is not None:
+            y = y * self.channel_view(r)
+        if bias is not None:
+            y = y + self.channel_view(bias)
+        if A is not None and B is not None:
+            y = y + self.low_rank_forward(xa, A, B)
+        return y.to(self.weight.dtype)
 
     def expand_input_scale(self, s: Tensor) -> Tensor:
         """s (in,) as an (out, in_per_group) grid matching the canonical weight."""

@@ -43,3 +43,9 @@ class HalrpConv1D(HalrpLayer):
 
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         return dense_gradient_norm2(x, grad_output)
+
+    def base_product(self, h: Tensor) -> Tensor:
+        return torch.matmul(h, self.weight)
+
+    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+        return torch.matmul(grad, self.weight.t())

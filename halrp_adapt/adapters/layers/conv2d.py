@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_weight
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..routing import RowRouting
 from .base import HalrpLayer
@@ -48,6 +48,12 @@ class HalrpConv2d(HalrpLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.pad = _padder(base_layer)  # looked up once: every forward asks
+        # The lean backward needs the product's input gradient as a transposed conv: zero
+        # padding given as numbers (or padded beforehand), not "same" nor reflect/replicate.
+        conv = self.base_layer
+        self.lean_backward = self.pad is not None or (
+            conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        )
 
     @classmethod
     def handles_forward_of(cls, module: nn.Module) -> bool:
@@ -154,3 +160,24 @@ class HalrpConv2d(HalrpLayer):
             groups=conv.groups,
         )
         return grad.pow(2).sum()
+
+    def channel_dims(self, ndim: int) -> tuple[int, ...]:
+        return (0, *range(2, ndim))
+
+    def base_product(self, h: Tensor) -> Tensor:
+        conv = self.base_layer
+        padding = 0 if self.pad is not None else conv.padding
+        return F.conv2d(h, self.weight, None, conv.stride, padding, conv.dilation, conv.groups)
+
+    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+        conv = self.base_layer
+        padding = 0 if self.pad is not None else conv.padding
+        return conv2d_input(
+            input_shape,
+            self.weight,
+            grad,
+            stride=conv.stride,
+            padding=padding,  # type: ignore[arg-type]  # numbers here (lean_backward)
+            dilation=conv.dilation,
+            groups=conv.groups,
+        )

@@ -49,6 +49,12 @@ class HalrpLinear(HalrpLayer):
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return F.linear(F.linear(x, A), B)
 
+    def base_product(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)
+
+    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+        return torch.matmul(grad, self.weight)
+
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         return dense_gradient_norm2(x, grad_output)
 
