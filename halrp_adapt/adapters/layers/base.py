@@ -113,18 +113,44 @@ class HalrpLayer(TaskRouted):
 
     def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """`x` through B A (spread over the kernel for convs)."""
+        return self.low_rank_outer(self.low_rank_inner(x, A), B)
+
+    def low_rank_inner(self, x: Tensor, A: Tensor) -> Tensor:
+        """`x` through A: the rank-k middle of `low_rank_forward` (k channels)."""
         raise NotImplementedError
 
-    # The frozen product alone, for `scaled.ScaledBase` (training keeps fewer activations).
+    def low_rank_outer(self, z: Tensor, B: Tensor) -> Tensor:
+        """The rank-k middle `z` through B: the last step of `low_rank_forward`."""
+        raise NotImplementedError
+
+    def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """The gradients of `low_rank_outer(z, B)` for `z` and `B`, given the output's `grad`,
+        without making an output-sized tensor."""
+        raise NotImplementedError
+
+    # The frozen product alone, for `scaled.AdaptedForward` (training keeps fewer activations).
     lean_backward = True  # a subclass whose product has no such input gradient sets False
 
-    def base_product(self, h: Tensor) -> Tensor:
-        """`h` through W0, without the bias."""
+    def base_product(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+        """`h` through W0 (or `weight`, in W0's layout), without the bias."""
         raise NotImplementedError
 
-    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
-        """The gradient of `base_product` with respect to its input of `input_shape`."""
+    def base_product_input_grad(
+        self, grad: Tensor, input_shape: torch.Size, weight: Tensor | None = None
+    ) -> Tensor:
+        """The gradient of `base_product` (with W0 or `weight`) for its input of `input_shape`."""
         raise NotImplementedError
+
+    def scaled_weight(self, r: Tensor | None, s: Tensor | None) -> Tensor:
+        """diag(r) W0 diag(s) in W0's layout (either scale may be None), in W0's dtype."""
+        wc = self.canonical(self.weight)
+        if r is not None and s is not None:
+            wc = wc * (r[:, None] * self.expand_input_scale(s))[:, :, None]
+        elif r is not None:
+            wc = wc * r[:, None, None]
+        elif s is not None:
+            wc = wc * self.expand_input_scale(s)[:, :, None]
+        return self.from_canonical(wc)
 
     def channel_dims(self, ndim: int) -> tuple[int, ...]:
         """The dimensions of an input or output of `ndim` dimensions that are not channels."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import HalrpLayer
-from .linear import dense_gradient_norm2
+from .linear import dense_gradient_norm2, rows_outer_grads
 
 
 class HalrpConv1D(HalrpLayer):
@@ -38,14 +38,22 @@ class HalrpConv1D(HalrpLayer):
             return y if bias is None else y + bias
         return y * r if bias is None else torch.addcmul(bias, y, r)
 
-    def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return torch.matmul(torch.matmul(x, A.t()), B.t())
+    def low_rank_inner(self, x: Tensor, A: Tensor) -> Tensor:
+        return torch.matmul(x, A.t())
+
+    def low_rank_outer(self, z: Tensor, B: Tensor) -> Tensor:
+        return torch.matmul(z, B.t())
+
+    def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        return rows_outer_grads(grad, z, B)
 
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         return dense_gradient_norm2(x, grad_output)
 
-    def base_product(self, h: Tensor) -> Tensor:
-        return torch.matmul(h, self.weight)
+    def base_product(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+        return torch.matmul(h, self.weight if weight is None else weight)
 
-    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
-        return torch.matmul(grad, self.weight.t())
+    def base_product_input_grad(
+        self, grad: Tensor, input_shape: torch.Size, weight: Tensor | None = None
+    ) -> Tensor:
+        return torch.matmul(grad, (self.weight if weight is None else weight).t())

@@ -123,7 +123,7 @@ class HalrpConv2d(HalrpLayer):
             return y * r.view(-1, 1, 1)
         return torch.addcmul(bias.view(-1, 1, 1), y, r.view(-1, 1, 1))
 
-    def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    def low_rank_inner(self, x: Tensor, A: Tensor) -> Tensor:
         conv = self.base_layer
         k = A.shape[0]
         z = F.conv2d(x, A[:, :, None, None])
@@ -132,16 +132,23 @@ class HalrpConv2d(HalrpLayer):
         ):  # a one-pixel window with no padding: the window sum is the identity, strided
             if conv.stride != (1, 1):
                 z = z[:, :, :: conv.stride[0], :: conv.stride[1]]
-            return F.conv2d(z, B[:, :, None, None])
+            return z
         ones = z.new_ones(k, 1, *conv.kernel_size)
         if self.pad is not None:  # x is already padded
-            z = F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
-        elif conv.padding_mode != "zeros":
+            return F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
+        if conv.padding_mode != "zeros":
             z = F.pad(z, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            z = F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
-        else:
-            z = F.conv2d(z, ones, None, conv.stride, conv.padding, conv.dilation, groups=k)
+            return F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
+        return F.conv2d(z, ones, None, conv.stride, conv.padding, conv.dilation, groups=k)
+
+    def low_rank_outer(self, z: Tensor, B: Tensor) -> Tensor:
         return F.conv2d(z, B[:, :, None, None])
+
+    def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        grad_z = F.conv2d(grad, B.t()[:, :, None, None])
+        # sum over images of (out, pixels) @ (pixels, k): (images, out, k), never output-sized
+        grad_b = torch.bmm(grad.flatten(2), z.flatten(2).transpose(1, 2)).sum(0)
+        return grad_z, grad_b
 
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         conv = self.base_layer
@@ -164,17 +171,21 @@ class HalrpConv2d(HalrpLayer):
     def channel_dims(self, ndim: int) -> tuple[int, ...]:
         return (0, *range(2, ndim))
 
-    def base_product(self, h: Tensor) -> Tensor:
+    def base_product(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
         conv = self.base_layer
-        padding = 0 if self.pad is not None else conv.padding
-        return F.conv2d(h, self.weight, None, conv.stride, padding, conv.dilation, conv.groups)
+        w = self.weight if weight is None else weight
+        if self.pad is not None:  # h is already padded
+            return F.conv2d(h, w, None, conv.stride, 0, conv.dilation, conv.groups)
+        return conv._conv_forward(h, w, None)
 
-    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+    def base_product_input_grad(
+        self, grad: Tensor, input_shape: torch.Size, weight: Tensor | None = None
+    ) -> Tensor:
         conv = self.base_layer
         padding = 0 if self.pad is not None else conv.padding
         return conv2d_input(
             input_shape,
-            self.weight,
+            self.weight if weight is None else weight,
             grad,
             stride=conv.stride,
             padding=padding,  # type: ignore[arg-type]  # numbers here (lean_backward)

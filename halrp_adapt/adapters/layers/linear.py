@@ -46,14 +46,22 @@ class HalrpLinear(HalrpLayer):
         y = F.linear(h, self.weight)
         return y * r if bias is None else torch.addcmul(bias, y, r)
 
-    def low_rank_forward(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        return F.linear(F.linear(x, A), B)
+    def low_rank_inner(self, x: Tensor, A: Tensor) -> Tensor:
+        return F.linear(x, A)
 
-    def base_product(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.weight)
+    def low_rank_outer(self, z: Tensor, B: Tensor) -> Tensor:
+        return F.linear(z, B)
 
-    def base_product_input_grad(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
-        return torch.matmul(grad, self.weight)
+    def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        return rows_outer_grads(grad, z, B)
+
+    def base_product(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+        return F.linear(h, self.weight if weight is None else weight)
+
+    def base_product_input_grad(
+        self, grad: Tensor, input_shape: torch.Size, weight: Tensor | None = None
+    ) -> Tensor:
+        return torch.matmul(grad, self.weight if weight is None else weight)
 
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         return dense_gradient_norm2(x, grad_output)
@@ -69,3 +77,8 @@ def dense_gradient_norm2(x: Tensor, grad_output: Tensor) -> Tensor:
     if rows * rows < xs.shape[1] * gs.shape[1]:
         return ((gs @ gs.T) * (xs @ xs.T)).sum()
     return (gs.T @ xs).pow(2).sum()
+
+
+def rows_outer_grads(grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `z @ B.T` for rows z (.., k) and B (out, k), given the output's `grad`."""
+    return torch.matmul(grad, B), grad.reshape(-1, grad.shape[-1]).t() @ z.reshape(-1, z.shape[-1])

@@ -12,6 +12,11 @@ alone, and the factors' gradients come from recomputing the rank-k path. If some
 the output in place meanwhile (an in-place activation), or a scale is near 0, `op(s * x)` is
 recomputed from `x` instead: the same gradient, at the cost of one product.
 
+Nothing activation-sized is made that the plain step does not make too: the scales go into
+W0 instead of the activation where the weight is the smaller (`op(x; r W0 s)`, one weight-sized
+tensor), the low-rank path's factor gradients come from its rank-k middle, and the per-channel
+sums for `r` and `s` run a slice of the batch at a time.
+
 `op` is the frozen base layer's product without its bias (`HalrpLayer.base_product`), `op^T`
 its input gradient (`HalrpLayer.base_product_input_grad`); channels lie on the last dimension
 (Linear, Conv1D) or the second (Conv2d), as `HalrpLayer.channel_view` says.
@@ -29,6 +34,9 @@ if TYPE_CHECKING:
 
 # Below this, dividing the output by a scale to recover the product loses too much precision.
 SMALLEST_SCALE = 1e-2
+# Reductions over an activation run in this many slices of it, so the elementwise products
+# they need are a slice in size, never a whole activation.
+SLICES = 8
 
 
 class AdaptedForward(torch.autograd.Function):
@@ -45,16 +53,17 @@ class AdaptedForward(torch.autograd.Function):
         B: Tensor | None,
         layer: HalrpLayer,
     ) -> Tensor:
-        h = x if s is None else x * layer.channel_view(s)
-        out = layer.base_product(h)
-        if r is not None:
-            out = out * layer.channel_view(r)
+        if (r is not None or s is not None) and _folds(layer, x):
+            out = layer.base_product(x, layer.scaled_weight(r, s))
+        else:
+            out = layer.base_product(x if s is None else x * layer.channel_view(s))
+            if r is not None:
+                out.mul_(layer.channel_view(r))
         if bias is not None:
-            out = out + layer.channel_view(bias)
+            out.add_(layer.channel_view(bias))
         if A is not None and B is not None:
-            out = out + layer.low_rank_forward(x, A, B)
+            out.add_(layer.low_rank_forward(x, A, B))
         ctx.layer = layer
-        ctx.input_shape = h.shape
         ctx.save_for_backward(x, r, s, bias, A, B)
         # A detached alias shares the output's storage and version counter, not its graph:
         # no copy is kept, and an in-place change afterwards is seen in the backward.
@@ -65,53 +74,103 @@ class AdaptedForward(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, r, s, bias, A, B = ctx.saved_tensors
         layer: HalrpLayer = ctx.layer
+        # Attributes of ctx live as long as the graph, which a training loop's `loss` holds
+        # until the next step's forward is done: let go of the output now. A second backward
+        # through a retained graph recomputes the product instead.
+        out, ctx.out = ctx.out, None
         needs_x, needs_r, needs_s, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
-        channels = layer.channel_dims(grad.dim())
-        grad_x = grad_r = grad_s = grad_a = grad_b = None
-        low_rank = None
+        grad_x = grad_r = grad_s = grad_bias = grad_a = grad_b = None
+        z = None  # the low-rank path's rank-k middle, A's side
         if A is not None and B is not None:
             with torch.enable_grad():
                 xd = x.detach().requires_grad_(needs_x)
-                ad, bd = A.detach().requires_grad_(needs_a), B.detach().requires_grad_(needs_b)
-                z = layer.low_rank_forward(xd, ad, bd)
-                wanted = [t for t, need in ((xd, needs_x), (ad, needs_a), (bd, needs_b)) if need]
-                found = iter(torch.autograd.grad(z, wanted, grad) if wanted else ())
-                grad_x = next(found) if needs_x else None
-                grad_a = next(found) if needs_a else None
-                grad_b = next(found) if needs_b else None
-            low_rank = z.detach()
-        grad_bias = grad.sum(channels) if needs_bias else None
+                ad = A.detach().requires_grad_(needs_a)
+                z = layer.low_rank_inner(xd, ad)
+            grad_z, grad_b = layer.low_rank_outer_grads(grad, z.detach(), B)
+            wanted = [t for t, need in ((xd, needs_x), (ad, needs_a)) if need]
+            found = iter(torch.autograd.grad(z, wanted, grad_z) if wanted else ())
+            grad_x = next(found) if needs_x else None
+            grad_a = next(found) if needs_a else None
+            grad_b = grad_b if needs_b else None
+            z = z.detach()
+        if needs_bias:
+            grad_bias = grad.sum(layer.channel_dims(grad.dim()))
         if needs_r:
-            grad_r = (grad * _product(ctx, layer, x, r, s, bias, low_rank)).sum(channels)
+            assert r is not None  # autograd asks only for inputs that need a gradient
+            grad_r = _r_gradient(out, ctx.version, layer, grad, x, r, s, bias, z, B)
         if needs_x or needs_s:
-            gh = layer.base_product_input_grad(
-                grad if r is None else grad * layer.channel_view(r), ctx.input_shape
-            )
+            if r is None:
+                gh = layer.base_product_input_grad(grad, x.shape)
+            elif _folds(layer, grad):
+                gh = layer.base_product_input_grad(grad, x.shape, layer.scaled_weight(r, None))
+            else:
+                gh = layer.base_product_input_grad(grad * layer.channel_view(r), x.shape)
             if needs_s:
-                grad_s = (gh * x).sum(layer.channel_dims(x.dim()))
+                grad_s = _channel_dot(layer, gh, x)
             if needs_x:
-                through = gh if s is None else gh * layer.channel_view(s)
-                grad_x = through if grad_x is None else grad_x + through
+                if s is not None:
+                    gh.mul_(layer.channel_view(s))
+                grad_x = gh if grad_x is None else gh.add_(grad_x)
         return grad_x, grad_r, grad_s, grad_bias, grad_a, grad_b, None
 
 
-def _product(
-    ctx: Any,
+def _folds(layer: HalrpLayer, activation: Tensor) -> bool:
+    """Whether to scale W0 (a weight-sized tensor) rather than the activation."""
+    return layer.weight.numel() <= activation.numel()
+
+
+def _flat(layer: HalrpLayer, t: Tensor) -> Tensor:
+    """`t` with the dimension to slice first: rows of channels for channels-last layers."""
+    if layer.channel_dims(t.dim()) == tuple(range(t.dim() - 1)):
+        return t.reshape(-1, t.shape[-1])
+    return t
+
+
+def _slices(n: int) -> list[slice]:
+    step = max(1, -(-n // SLICES))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _channel_dot(layer: HalrpLayer, a: Tensor, b: Tensor) -> Tensor:
+    """Per channel, the sum of `a * b` over everything else, a slice at a time."""
+    a, b = _flat(layer, a), _flat(layer, b)
+    dims = layer.channel_dims(a.dim())
+    return torch.stack([(a[sl] * b[sl]).sum(dims) for sl in _slices(a.shape[0])]).sum(0)
+
+
+def _r_gradient(
+    out: Tensor | None,
+    version: int,
     layer: HalrpLayer,
+    grad: Tensor,
     x: Tensor,
     r: Tensor,
     s: Tensor | None,
     bias: Tensor | None,
-    low_rank: Tensor | None,
+    z: Tensor | None,
+    B: Tensor | None,
 ) -> Tensor:
-    """`op(s * x)`: from the output when it is as the forward left it, else recomputed."""
-    out = ctx.out
-    if out._version == ctx.version and bool(r.abs().min() >= SMALLEST_SCALE):
-        y = out if bias is None else out - layer.channel_view(bias)
-        if low_rank is not None:
-            y = y - low_rank
-        return y / layer.channel_view(r)
-    return layer.base_product(x if s is None else x * layer.channel_view(s))
+    """Per output channel, the sum of `grad * op(s * x)`: `op(s * x)` from the output when it
+    is as the forward left it, `(out - bias - B z) / r`, else recomputed; a slice at a time."""
+    recover = out is not None and out._version == version and bool(r.abs().min() >= SMALLEST_SCALE)
+    g, xf = _flat(layer, grad), _flat(layer, x)
+    o = _flat(layer, out) if out is not None and recover else None
+    zf = None if z is None else _flat(layer, z)
+    dims = layer.channel_dims(g.dim())
+    weight = None if recover or s is None or not _folds(layer, x) else layer.scaled_weight(None, s)
+    parts = []
+    for sl in _slices(g.shape[0]):
+        if o is not None:
+            y = o[sl] - layer.channel_view(bias) if bias is not None else o[sl].clone()
+            if zf is not None and B is not None:
+                y.sub_(layer.low_rank_outer(zf[sl], B))
+        elif weight is not None:
+            y = layer.base_product(xf[sl], weight)
+        else:
+            y = layer.base_product(xf[sl] if s is None else xf[sl] * layer.channel_view(s))
+        parts.append(y.mul_(g[sl]).sum(dims))
+    total = torch.stack(parts).sum(0)
+    return total / r if recover else total
 
 
 def adapted_forward(
