@@ -147,12 +147,14 @@ def test_estimation_and_training_with_gradient_checkpointing(checkpointing):
         (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), (2, 4, 7, 7)),
         (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (2, 4, 6, 6)),
         (lambda: nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 5)),
+        (lambda: nn.Conv2d(4, 6, 1, stride=2), (2, 4, 7, 7)),
         (lambda: timm.layers.Conv2dSame(4, 6, 3, stride=2), (2, 4, 7, 7)),
         # weights larger than the activation: the scales go on the activation, not on W0
         (lambda: nn.Linear(16, 12), (1, 2, 16)),
         (lambda: nn.Conv2d(8, 8, 3, padding=1), (1, 8, 3, 3)),
     ],
-    ids=["linear", "conv1d", "conv2d-strided", "depthwise-dilated", "grouped-1x1", "timm-same",
+    ids=["linear", "conv1d", "conv2d-strided", "depthwise-dilated", "grouped-1x1", "strided-1x1",
+         "timm-same",
          "linear-wide", "conv2d-wide"],
 )
 @pytest.mark.parametrize(

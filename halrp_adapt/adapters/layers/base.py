@@ -128,6 +128,13 @@ class HalrpLayer(TaskRouted):
         without making an output-sized tensor."""
         raise NotImplementedError
 
+    def low_rank_inner_grads(
+        self, grad_z: Tensor, x: Tensor, A: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """The gradients of `low_rank_inner(x, A)` for `x` and `A`, given the middle's
+        `grad_z`, where the layer has a closed form; None lets autograd do it."""
+        return None
+
     # The frozen product alone, for `scaled.AdaptedForward` (training keeps fewer activations).
     lean_backward = True  # a subclass whose product has no such input gradient sets False
 

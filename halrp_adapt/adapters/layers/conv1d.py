@@ -47,6 +47,9 @@ class HalrpConv1D(HalrpLayer):
     def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         return rows_outer_grads(grad, z, B)
 
+    def low_rank_inner_grads(self, grad_z: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        return rows_outer_grads(grad_z, x, A)  # z = x A^T is the same product as z B^T
+
     def weight_gradient_norm2(self, x: Tensor, grad_output: Tensor) -> Tensor:
         return dense_gradient_norm2(x, grad_output)
 

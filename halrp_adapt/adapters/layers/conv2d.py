@@ -127,9 +127,7 @@ class HalrpConv2d(HalrpLayer):
         conv = self.base_layer
         k = A.shape[0]
         z = F.conv2d(x, A[:, :, None, None])
-        if conv.kernel_size == (1, 1) and (
-            isinstance(conv.padding, str) or not any(conv.padding) or self.pad is not None
-        ):  # a one-pixel window with no padding: the window sum is the identity, strided
+        if self._pointwise():  # the window sum is the identity, strided
             if conv.stride != (1, 1):
                 z = z[:, :, :: conv.stride[0], :: conv.stride[1]]
             return z
@@ -140,6 +138,28 @@ class HalrpConv2d(HalrpLayer):
             z = F.pad(z, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             return F.conv2d(z, ones, None, conv.stride, 0, conv.dilation, groups=k)
         return F.conv2d(z, ones, None, conv.stride, conv.padding, conv.dilation, groups=k)
+
+    def _pointwise(self) -> bool:
+        """A one-pixel window with no padding: the low-rank path is a strided 1x1 conv."""
+        conv = self.base_layer
+        return conv.kernel_size == (1, 1) and (
+            isinstance(conv.padding, str) or not any(conv.padding) or self.pad is not None
+        )
+
+    def low_rank_inner_grads(
+        self, grad_z: Tensor, x: Tensor, A: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        if not self._pointwise():
+            return None
+        sh, sw = self.base_layer.stride
+        strided = (sh, sw) != (1, 1)
+        seen = x[:, :, ::sh, ::sw] if strided else x
+        grad_seen, grad_a = self.low_rank_outer_grads(grad_z, seen, A)  # same 1x1 product
+        if not strided:
+            return grad_seen, grad_a
+        grad_x = x.new_zeros(x.shape)
+        grad_x[:, :, ::sh, ::sw] = grad_seen
+        return grad_x, grad_a
 
     def low_rank_outer(self, z: Tensor, B: Tensor) -> Tensor:
         return F.conv2d(z, B[:, :, None, None])

@@ -55,6 +55,9 @@ class HalrpLinear(HalrpLayer):
     def low_rank_outer_grads(self, grad: Tensor, z: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         return rows_outer_grads(grad, z, B)
 
+    def low_rank_inner_grads(self, grad_z: Tensor, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        return rows_outer_grads(grad_z, x, A)  # z = x A^T is the same product as z B^T
+
     def base_product(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
         return F.linear(h, self.weight if weight is None else weight)
 

@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 # Below this, dividing the output by a scale to recover the product loses too much precision.
 SMALLEST_SCALE = 1e-2
-# Reductions over an activation run in this many slices of it, so the elementwise products
-# they need are a slice in size, never a whole activation.
-SLICES = 8
+# Reductions over a large activation run a slice of at most this many bytes at a time, so the
+# elementwise products they need stay small; small activations go whole (fewer, larger ops).
+SLICE_BYTES = 8 * 2**20
 
 
 class AdaptedForward(torch.autograd.Function):
@@ -61,10 +61,12 @@ class AdaptedForward(torch.autograd.Function):
                 out.mul_(layer.channel_view(r))
         if bias is not None:
             out.add_(layer.channel_view(bias))
+        z = None  # the low-rank path's rank-k middle: small, kept for the factors' gradients
         if A is not None and B is not None:
-            out.add_(layer.low_rank_forward(x, A, B))
+            z = layer.low_rank_inner(x, A)
+            out.add_(layer.low_rank_outer(z, B))
         ctx.layer = layer
-        ctx.save_for_backward(x, r, s, bias, A, B)
+        ctx.save_for_backward(x, r, s, bias, A, B, z)
         # A detached alias shares the output's storage and version counter, not its graph:
         # no copy is kept, and an in-place change afterwards is seen in the backward.
         ctx.out, ctx.version = out.detach(), out._version
@@ -72,7 +74,7 @@ class AdaptedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, r, s, bias, A, B = ctx.saved_tensors
+        x, r, s, bias, A, B, z = ctx.saved_tensors
         layer: HalrpLayer = ctx.layer
         # Attributes of ctx live as long as the graph, which a training loop's `loss` holds
         # until the next step's forward is done: let go of the output now. A second backward
@@ -80,19 +82,11 @@ class AdaptedForward(torch.autograd.Function):
         out, ctx.out = ctx.out, None
         needs_x, needs_r, needs_s, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
         grad_x = grad_r = grad_s = grad_bias = grad_a = grad_b = None
-        z = None  # the low-rank path's rank-k middle, A's side
         if A is not None and B is not None:
-            with torch.enable_grad():
-                xd = x.detach().requires_grad_(needs_x)
-                ad = A.detach().requires_grad_(needs_a)
-                z = layer.low_rank_inner(xd, ad)
-            grad_z, grad_b = layer.low_rank_outer_grads(grad, z.detach(), B)
-            wanted = [t for t, need in ((xd, needs_x), (ad, needs_a)) if need]
-            found = iter(torch.autograd.grad(z, wanted, grad_z) if wanted else ())
-            grad_x = next(found) if needs_x else None
-            grad_a = next(found) if needs_a else None
+            grad_z, grad_b = layer.low_rank_outer_grads(grad, z, B)
             grad_b = grad_b if needs_b else None
-            z = z.detach()
+            if needs_x or needs_a:
+                grad_x, grad_a = _low_rank_inner_grads(layer, grad_z, x, A, needs_x, needs_a)
         if needs_bias:
             grad_bias = grad.sum(layer.channel_dims(grad.dim()))
         if needs_r:
@@ -114,6 +108,23 @@ class AdaptedForward(torch.autograd.Function):
         return grad_x, grad_r, grad_s, grad_bias, grad_a, grad_b, None
 
 
+def _low_rank_inner_grads(
+    layer: HalrpLayer, grad_z: Tensor, x: Tensor, A: Tensor, needs_x: bool, needs_a: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of `low_rank_inner(x, A)` for `x` and `A`: the layer's own where it has
+    them, else autograd's through the recomputed middle."""
+    found = layer.low_rank_inner_grads(grad_z, x, A)
+    if found is not None:
+        grad_x, grad_a = found
+        return (grad_x if needs_x else None), (grad_a if needs_a else None)
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(needs_x)
+        ad = A.detach().requires_grad_(needs_a)
+        wanted = [t for t, need in ((xd, needs_x), (ad, needs_a)) if need]
+        grads = iter(torch.autograd.grad(layer.low_rank_inner(xd, ad), wanted, grad_z))
+    return (next(grads) if needs_x else None), (next(grads) if needs_a else None)
+
+
 def _folds(layer: HalrpLayer, activation: Tensor) -> bool:
     """Whether to scale W0 (a weight-sized tensor) rather than the activation."""
     return layer.weight.numel() <= activation.numel()
@@ -126,8 +137,11 @@ def _flat(layer: HalrpLayer, t: Tensor) -> Tensor:
     return t
 
 
-def _slices(n: int) -> list[slice]:
-    step = max(1, -(-n // SLICES))
+def _slices(t: Tensor) -> list[slice]:
+    """Slices of `t`'s first dimension of at most `SLICE_BYTES` each (at least one row)."""
+    n = t.shape[0]
+    pieces = -(-t.numel() * t.element_size() // SLICE_BYTES)
+    step = max(1, -(-n // max(1, pieces)))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -135,7 +149,7 @@ def _channel_dot(layer: HalrpLayer, a: Tensor, b: Tensor) -> Tensor:
     """Per channel, the sum of `a * b` over everything else, a slice at a time."""
     a, b = _flat(layer, a), _flat(layer, b)
     dims = layer.channel_dims(a.dim())
-    return torch.stack([(a[sl] * b[sl]).sum(dims) for sl in _slices(a.shape[0])]).sum(0)
+    return torch.stack([(a[sl] * b[sl]).sum(dims) for sl in _slices(a)]).sum(0)
 
 
 def _r_gradient(
@@ -159,7 +173,7 @@ def _r_gradient(
     dims = layer.channel_dims(g.dim())
     weight = None if recover or s is None or not _folds(layer, x) else layer.scaled_weight(None, s)
     parts = []
-    for sl in _slices(g.shape[0]):
+    for sl in _slices(g):
         if o is not None:
             y = o[sl] - layer.channel_view(bias) if bias is not None else o[sl].clone()
             if zf is not None and B is not None:
