@@ -311,6 +311,7 @@ ABLATIONS: dict[str, Variant] = {
     "default": Variant(),
     "paper trial lr (1e-3)": Variant(options={"trial_lr": 1e-3}),
     "trial lr / 10": Variant(options={"trial_lr": "tenth"}),
+    "trial lr x10": Variant(options={"trial_lr": "tenfold"}),
     "trial 2 epochs": Variant(estimate={"epochs": 2}),
     "scales lr x0.1": Variant(lr_scale={"scales": 0.1}),
     "norms and head lr x3": Variant(lr_scale={"norms": 3.0, "head": 3.0}),
@@ -325,7 +326,9 @@ ABLATIONS: dict[str, Variant] = {
                                                                       "svd": "full"}),
     # The paper's trial: every adapted weight of a merged copy trained densely with Adam (the
     # default up to issue 23), against the default low-rank trial on the model itself.
-    "full trial (merged copy, dense Adam)": Variant(options={"trial": "full"}),
+    "full trial (merged copy and dense Adam)": Variant(options={"trial": "full"}),
+    "explained share 0.99": Variant(options={"explained": 0.99}),
+    "trial rank 8": Variant(options={"trial_rank": 8}),
 }
 
 
@@ -356,15 +359,17 @@ def _groups(cl, lr: float, variant: Variant) -> list[dict]:
 
 def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
               variant: Variant | None = None) -> dict:
-    from halrp_adapt.method.trial import TRIAL_LRS, backbone_kind
+    from halrp_adapt.method.trial import resolve_trial_lr
 
     variant = variant or Variant()
     torch.manual_seed(seed)
     device = args.device
     model = seq.backbone(tasks[0].num_classes).to(device)
     options = {"budget": args.budget, **variant.options}
-    if options.get("trial_lr") == "tenth":
-        options["trial_lr"] = TRIAL_LRS[backbone_kind(model, seq.first_trains_backbone)] / 10
+    if options.get("trial_lr") in ("tenth", "tenfold"):
+        low_rank = options.get("trial", "low-rank") != "full"
+        auto = resolve_trial_lr("auto", model, seq.first_trains_backbone, low_rank=low_rank)
+        options["trial_lr"] = auto / 10 if options["trial_lr"] == "tenth" else auto * 10
     if options.get("scale_modules") == "grouped":  # grouped convs get no factors
         options["scale_modules"] = [n for n, m in model.named_modules()
                                     if getattr(m, "groups", 1) > 1]

@@ -519,7 +519,7 @@ def estimation_quality(data: dict) -> list[str]:
 def trial_quality(data: dict) -> list[str]:
     """Study 8's trial ablation: the default low-rank trial against the full trial (the
     default up to issue 23), paired by seed."""
-    label = "full trial (merged copy, dense Adam)"
+    label = "full trial (merged copy and dense Adam)"
     names = sorted(data["acc"])
     lines = ["### Rank estimation: the low-rank trial against the full trial", "",
              f"Table: `{data['command']}` ({data['date']}). {data['note']}", "",
@@ -574,6 +574,18 @@ def memory(data: dict) -> list[str]:
                            for m in methods)
         lines.append(f"| {names.get(kind, kind)} | {rows[kind, 'lora']['shared_rss_mb']:.0f} | "
                      f"{cells} |")
+    # Time at equal passes over the data: HALRP's life makes 2 x 3 training steps (the trial
+    # counts) and one calibration forward; LoRA's and the full fine-tune's, 3 steps.
+    lines += ["", "Time of the same lives (seconds, after the backbone is built; 3-step runs, so "
+              "one-time costs weigh heavily). HALRP makes 3 trial steps and 3 training steps, "
+              "LoRA 3 steps: *x LoRA at equal passes* divides HALRP's time by twice LoRA's.", "",
+              "| backbone | LoRA s | HALRP s | x LoRA at equal passes | HALRP full trial s "
+              "| x LoRA at equal passes |", "|---|---|---|---|---|---|"]
+    for kind in data["over_lora"]:
+        lora_s = rows[kind, "lora"]["seconds"]
+        low, full = rows[kind, "halrp"]["seconds"], rows[kind, "halrp-full"]["seconds"]
+        lines.append(f"| {names.get(kind, kind)} | {lora_s:.1f} | {low:.1f} | "
+                     f"{low / (2 * lora_s):.2f} | {full:.1f} | {full / (2 * lora_s):.2f} |")
     seven = data.get("llama_7b")
     if seven:
         a = seven["assumptions"]

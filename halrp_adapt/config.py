@@ -105,7 +105,8 @@ class HalrpConfig(PeftConfig):
         default="auto",
         metadata={
             "help": "Adam learning rate of the trial, or 'auto': by kind of backbone "
-            "(trial.TRIAL_LRS; the paper's 1e-3 for a backbone trained by the first task)."
+            "(trial.LOW_RANK_TRIAL_LRS for the low-rank trial, trial.TRIAL_LRS for the full "
+            "one; the paper's 1e-3 for a backbone trained by the first task)."
         },
     )
     trial: str = field(

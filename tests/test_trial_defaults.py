@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import halrp_adapt
 from halrp_adapt.method import trial as trial_module
 from halrp_adapt.method.losses import default_loss
-from halrp_adapt.method.trial import TRIAL_LRS, backbone_kind
+from halrp_adapt.method.trial import LOW_RANK_TRIAL_LRS, TRIAL_LRS, backbone_kind
 
 STEPS = 12
 
@@ -141,7 +141,7 @@ def test_defaults_learn_on_a_pretrained_causal_lm():
     frozen = _mean_loss(model, data, _lm_loss)
     cl = halrp_adapt.attach(model, budget=0.1)
     _learns(cl, data, _lm_loss, frozen, lr=2e-3)
-    assert cl._info("task").estimate.trial_lr == TRIAL_LRS["causal-lm"]
+    assert cl._info("task").estimate.trial_lr == LOW_RANK_TRIAL_LRS["causal-lm"]
 
 
 def test_defaults_learn_on_a_pretrained_bert_encoder():
@@ -149,7 +149,7 @@ def test_defaults_learn_on_a_pretrained_bert_encoder():
     probe = _probe_loss(model, data, num_classes, budget=0.05)
     cl = halrp_adapt.attach(model, budget=0.05)
     _learns(cl, data, default_loss, probe, lr=1e-3, num_classes=num_classes)
-    assert cl._info("task").estimate.trial_lr == TRIAL_LRS["transformer"]
+    assert cl._info("task").estimate.trial_lr == LOW_RANK_TRIAL_LRS["transformer"]
 
 
 def test_defaults_learn_on_a_pretrained_cnn():
@@ -157,7 +157,7 @@ def test_defaults_learn_on_a_pretrained_cnn():
     probe = _probe_loss(model, data, num_classes, budget=0.05)
     cl = halrp_adapt.attach(model, budget=0.05)
     _learns(cl, data, default_loss, probe, lr=1e-3, num_classes=num_classes)
-    assert cl._info("task").estimate.trial_lr == TRIAL_LRS["cnn"]
+    assert cl._info("task").estimate.trial_lr == LOW_RANK_TRIAL_LRS["cnn"]
 
 
 def test_defaults_learn_on_a_vit_whose_first_task_trained_it():
@@ -180,7 +180,7 @@ def test_defaults_learn_on_a_vit_whose_first_task_trained_it():
     plain.reset_classifier(classes)
     probe = _probe_loss(plain, data, classes, budget=0.1)
     _learns(cl, data, default_loss, probe, lr=1e-3, num_classes=classes)
-    assert cl._info("task").estimate.trial_lr == TRIAL_LRS["trained-here"]
+    assert cl._info("task").estimate.trial_lr == LOW_RANK_TRIAL_LRS["trained-here"]
 
 
 def test_backbone_kinds():

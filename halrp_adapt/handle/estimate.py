@@ -117,6 +117,7 @@ def estimate_task(
         seconds[phase] = now - clock
         clock = now
 
+    full_trial = cfg.trial == "full" or is_sharded(handle.model)
     trial = Trial(
         data=data,
         loss_fn=loss_fn,
@@ -124,14 +125,17 @@ def estimate_task(
         epochs=cfg.trial_epochs if epochs is None else epochs,
         steps=cfg.trial_steps if steps is None else steps,
         lr=resolve_trial_lr(
-            cfg.trial_lr if lr is None else lr, handle.model, handle.backbone_trained_here
+            cfg.trial_lr if lr is None else lr,
+            handle.model,
+            handle.backbone_trained_here,
+            low_rank=not full_trial,
         ),
         lap=lap,
     )
     # 1-4: the trial fine-tune, the Fisher of each low-rank-capable layer, the task's scales
     # and the spectrum of each layer's residual. A sharded model's trial runs on a plain copy:
     # its own forward is a collective, and estimation runs on the main process alone.
-    if cfg.trial == "full" or is_sharded(handle.model):
+    if full_trial:
         taken, fisher, spectra, residuals = _full_trial(handle, task, cfg, trial)
     else:
         taken, fisher, spectra = _low_rank_trial(handle, task, cfg, trial)
