@@ -25,10 +25,11 @@ TRIAL_LRS: dict[str, float] = {
 
 # The low-rank trial's (`trial="low-rank"`): temporary factors of a pretrained backbone learn
 # at 10x the full trial's rate, as LoRA does against full fine-tuning. At the full trial's rate
-# they barely leave B = 0 in a short trial, their product is about rank one, and the explained
-# share gave every layer rank 1 (study 8's trial ablation: -2.6 ACC on all-MiniLM, -2.4 on
-# EfficientNet-Lite0; 10x: +-0 and +1.4 against the full trial). A backbone trained by the
-# first task keeps the paper's 1e-3 (1e-2 lost 5.7 points on the demo's ViT).
+# they barely left B = 0 in a short trial, their product was about rank one, and the explained
+# share gave most layers rank 1: against the full trial, seeds 0-2, -3.2 ACC on all-MiniLM
+# topics, -1.9 / -0.8 on EfficientNet-Lite0's Fashion-MNIST / digits splits; at 10x, -0.1,
+# +0.4, -0.3 (benchmarks/results/quality_trial.json). A backbone trained by the first task
+# keeps the paper's 1e-3 (1e-2 lost 5.7 points on the demo's ViT, seed 0).
 LOW_RANK_TRIAL_LRS: dict[str, float] = {
     "trained-here": 1e-3,
     "cnn": 1e-2,
