@@ -259,6 +259,36 @@ def test_the_lean_backward_lets_go_of_the_output_and_a_retained_graph_still_diff
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_the_lean_backward_under_autocast_matches_plain_autograd(low_rank):
+    """Under a bfloat16 autocast the gradients arrive in bfloat16 while the task's tensors are
+    float32: the backward runs under the forward's autocast and returns each input's dtype."""
+    from halrp_adapt.adapters.layers.scaled import AdaptedForward
+
+    torch.manual_seed(0)
+    layer = HalrpLinear(nn.Linear(16, 12))
+    x = torch.randn(4, 16)
+    r, s, b = torch.rand(12) + 0.5, torch.rand(16) + 0.5, torch.randn(12)
+    A, B = (torch.randn(3, 16), torch.randn(12, 3)) if low_rank else (None, None)
+    tensors = [t.requires_grad_() if t is not None else None for t in (x, r, s, b, A, B)]
+    wanted = [t for t in tensors if t is not None]
+
+    def plain(x, r, s, b, A, B):
+        y = layer.scaled_forward(x, r, s, b)
+        return y if A is None else y + layer.low_rank_forward(x, A, B)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean_out = AdaptedForward.apply(*tensors, layer)
+        plain_out = plain(*tensors)
+    assert lean_out.dtype == torch.bfloat16  # autocast's dtype, as a PEFT LoRA layer's output
+    torch.testing.assert_close(lean_out.float(), plain_out.float(), rtol=0.02, atol=0.05)
+    got = torch.autograd.grad(lean_out.float().square().sum(), wanted)
+    want = torch.autograd.grad(plain_out.float().square().sum(), wanted)
+    for g, w, t in zip(got, want, wanted, strict=True):
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * float(w.abs().max()))
+
+
 def test_layers_whose_padding_has_no_transposed_conv_keep_plain_autograd():
     assert not HalrpConv2d(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).lean_backward
     assert not HalrpConv2d(nn.Conv2d(3, 4, 3, padding="same")).lean_backward

@@ -10,7 +10,8 @@ returns, which the next layer usually keeps anyway (a norm, an activation): in t
 `op(s * x) = (out - bias - B A x) / r`, the input side's gradient is `s * op^T(r * g)` from W0
 alone, and the factors' gradients come from recomputing the rank-k path. If something changed
 the output in place meanwhile (an in-place activation), or a scale is near 0, `op(s * x)` is
-recomputed from `x` instead: the same gradient, at the cost of one product.
+recomputed from `x` instead: the same gradient, at the cost of one product; so it is for a
+16-bit output (autocast, a bf16 task), where the subtraction would lose too much.
 
 Nothing activation-sized is made that the plain step does not make too: the scales go into
 W0 instead of the activation where the weight is the smaller (`op(x; r W0 s)`, one weight-sized
@@ -66,6 +67,11 @@ class AdaptedForward(torch.autograd.Function):
             z = layer.low_rank_inner(x, A)
             out.add_(layer.low_rank_outer(z, B))
         ctx.layer = layer
+        # The backward runs under the forward's autocast, as `torch.amp.custom_bwd` would: its
+        # products then meet bf16/fp16 gradients in the same dtypes as the forward's did.
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if autocast else None
         ctx.save_for_backward(x, r, s, bias, A, B, z)
         # A detached alias shares the output's storage and version counter, not its graph:
         # no copy is kept, and an in-place change afterwards is seen in the backward.
@@ -74,6 +80,14 @@ class AdaptedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.autocast is None:
+            return AdaptedForward._backward(ctx, grad)
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            return AdaptedForward._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, r, s, bias, A, B, z = ctx.saved_tensors
         layer: HalrpLayer = ctx.layer
         # Attributes of ctx live as long as the graph, which a training loop's `loss` holds
@@ -166,7 +180,15 @@ def _r_gradient(
 ) -> Tensor:
     """Per output channel, the sum of `grad * op(s * x)`: `op(s * x)` from the output when it
     is as the forward left it, `(out - bias - B z) / r`, else recomputed; a slice at a time."""
-    recover = out is not None and out._version == version and bool(r.abs().min() >= SMALLEST_SCALE)
+    # Recovering the product by subtraction loses what a 16-bit output (autocast, a bf16 task)
+    # rounded away, relative to the whole output: recompute it there instead.
+    recover = (
+        out is not None
+        and out._version == version
+        and out.dtype == r.dtype
+        and out.element_size() >= 4
+        and bool(r.abs().min() >= SMALLEST_SCALE)
+    )
     g, xf = _flat(layer, grad), _flat(layer, x)
     o = _flat(layer, out) if out is not None and recover else None
     zf = None if z is None else _flat(layer, z)
