@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as Q  # noqa: E402  (study 8: its sequences, training loop and chosen rates)
+import protocol as Q  # noqa: E402  (the sequences and training loop study 8 uses)
 
 import halrp_adapt  # noqa: E402
 from halrp_adapt.handle.task_retrieval import compute_signature, head_features  # noqa: E402
@@ -64,7 +64,7 @@ COST_RATIO_TARGET = 1.3
 
 
 def _inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor]:
-    batch = Q._on(batch, device)
+    batch = Q.on(batch, device)
     if isinstance(batch, dict):
         return (), {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     return (batch[0],), {}, batch[1]
@@ -167,11 +167,12 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
     steps = []
     for t, task in enumerate(tasks):
         cl.add_task(task.name, num_classes=task.num_classes)
-        if not (seq.first_trains_backbone and t == 0):
-            cl.estimate_ranks([Q._on(b, device) for b in task.train], epochs=1)
-        Q.fit(cl, Q._groups(cl, lr, Q.Variant()), task.train, args.epochs, device,
+        trial_epochs, epochs = Q.halrp_epochs(args, seq.first_trains_backbone and t == 0)
+        if trial_epochs:  # equal compute: the trial is one of the --epochs passes
+            cl.estimate_ranks([Q.on(b, device) for b in task.train], epochs=trial_epochs)
+        Q.fit(cl, Q.groups(cl, lr, Q.Variant()), task.train, epochs, device,
               extra_loss=cl.regularization_loss)
-        train = [Q._on(b, device) for b in task.train]
+        train = [Q.on(b, device) for b in task.train]
         cl.end_task(calibration_data=train)
         whole = cl.task_signature(task.name)
         for design, (kind, rank) in DESIGNS.items():
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.lrs = [float(v) for v in args.lrs.split(",")]
     if args.quick:
-        args.seeds, args.lrs, args.epochs, args.cost_reps = 1, args.lrs[:1], 1, 2
+        args.seeds, args.lrs, args.epochs, args.cost_reps = 1, args.lrs[:1], 2, 2
     args.device = torch.device(args.device)
     if args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -134,7 +134,7 @@ def test_quality_quick_in_parallel_jobs(tmp_path):
     for method in row.values():
         assert {"acc_mean", "acc_sd", "params_per_task", "lr", "order_robustness"} <= set(method)
         assert method["seeds"] == 2 and 0 <= method["acc_mean"] <= 100
-    # LoRA is sized to store what HALRP stores, counted the same way (within one rank's worth)
+    # LoRA is sized to the budget HALRP fills, counted the same way (within one rank's worth)
     assert abs(row["lora"]["params_per_task"] - row["halrp"]["params_per_task"]) \
         < 0.2 * row["halrp"]["params_per_task"]
     assert set(out["summary"]["targets"]) == {
