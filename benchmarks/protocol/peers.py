@@ -9,7 +9,8 @@ BWT is 0 like HALRP's) with PEFT's implementation:
 - adalora: `AdaLoraConfig`, init rank 1.5x the target rank, pruned to it by importance
 - pissa:   `LoraConfig(init_lora_weights="pissa_niter_4")`: factors from the weight's SVD
 - eva:     `LoraConfig(init_lora_weights="eva")` + `initialize_lora_eva_weights`: ranks
-           redistributed across layers from the activations' SVD
+           redistributed across layers from the activations' SVD (one forward pass over
+           the task's training batches: `_eva_init`)
 
 Stored parameters per task are counted as HALRP counts its own (`halrp_adapt.handle.accounting`):
 the adapter, the norm copies with their running statistics, heads apart. PiSSA moves the base
@@ -64,15 +65,19 @@ def backbone_params(model: nn.Module, head: str) -> int:
 
 def peer_targets(seq: Sequence, kind: str) -> list[str]:
     """The layers a peer adapts: HALRP's default targets that PEFT supports for it (dense
-    Linear and Conv2d, the head apart; Linear only for PiSSA and EVA; AdaLoRA's conv layer
-    mis-shapes strided k x k convs in PEFT, so it takes 1x1 convs and Linear)."""
+    Linear and Conv2d, the head apart; Linear only for PiSSA and EVA, and no pooler for EVA;
+    AdaLoRA's conv layer mis-shapes strided k x k convs in PEFT, so it takes 1x1 convs and
+    Linear)."""
     model = seq.backbone(2)
     out = []
     for name, m in model.named_modules():
         if name == seq.head or name.startswith(seq.head + "."):
             continue
         if isinstance(m, nn.Linear):
-            out.append(name)
+            # PEFT's EVA indexes per-token inputs (batch, tokens, features): a pooler sees
+            # one vector per sequence.
+            if not (kind == "eva" and "pooler" in name):
+                out.append(name)
         elif isinstance(m, nn.Conv2d) and m.groups == 1 and kind not in LINEAR_ONLY:
             if kind != "adalora" or tuple(m.kernel_size) == (1, 1):
                 out.append(name)
@@ -167,7 +172,10 @@ def _config(plan: PeerPlan, keep: list[str], steps: int):
                              tinit=steps // 10, tfinal=steps // 5, target_modules=plan.targets,
                              modules_to_save=keep)
     init: Any = {"lora": True, "dora": True, "pissa": "pissa_niter_4", "eva": "eva"}[plan.kind]
-    extra = {"eva_config": EvaConfig(rho=2.0)} if plan.kind == "eva" else {}
+    # Sequence labels are not per-token language-modelling labels: EVA's SVD takes every
+    # token the attention mask keeps.
+    extra = {"eva_config": EvaConfig(rho=2.0, use_label_mask=False)} \
+        if plan.kind == "eva" else {}
     return LoraConfig(r=r, lora_alpha=r, target_modules=plan.targets, modules_to_save=keep,
                       use_dora=plan.kind == "dora", init_lora_weights=init, **extra)
 
@@ -195,9 +203,7 @@ def run_peer(plan: PeerPlan, seq: Sequence, tasks: list[Task], lr: float, seed: 
         steps = args.epochs * len(task.train)
         peft_model = get_peft_model(model, _config(plan, keep, steps))
         if plan.kind == "eva":
-            from peft import initialize_lora_eva_weights
-
-            initialize_lora_eva_weights(peft_model, [b for b in task.train])
+            _eva_init(peft_model, task.train)
         frozen = [] if plan.own_norms else [
             m for m in peft_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -213,6 +219,34 @@ def run_peer(plan: PeerPlan, seq: Sequence, tasks: list[Task], lr: float, seed: 
                              accuracy(peft_model, task.val, device))
     return isolated(tasks, finals, params, seconds, rank=plan.rank, own_norms=plan.own_norms,
                     targets=len(plan.targets))
+
+
+def _eva_init(peft_model: nn.Module, batches: list) -> None:
+    """PEFT's EVA init, bounded to one forward pass over the task's training batches.
+
+    PEFT cycles the data until every needed component's cosine to its previous estimate
+    reaches `tau`; on a few batches cycled that never comes (seen: over 1,100 forwards on two
+    MiniLM batches). After one pass the incremental SVD's current components are taken as
+    they are, by marking them converged.
+    """
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora.eva import SVDHook
+
+    calls = 0
+
+    def forward(model: nn.Module, inputs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs[0])
+        if calls >= len(batches):
+            for m in model.modules():
+                for hook in m._forward_hooks.values():
+                    if isinstance(hook, SVDHook) and hasattr(hook.svd, "components_"):
+                        hook.converged[:] = True
+        return out
+
+    initialize_lora_eva_weights(peft_model, list(batches), forward_fn=forward,
+                                show_progress_bar=False)
 
 
 def run_full_ft(seq: Sequence, tasks: list[Task], lr: float, seed: int, args) -> dict:
