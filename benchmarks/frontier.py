@@ -73,7 +73,13 @@ def run_one(method: str, seq, budget: float, lr: float, seed: int, args) -> dict
     start = time.perf_counter()
     if method.startswith("halrp"):
         variant = ABLATIONS[method[6:-1]] if method != "halrp" else None
-        result = run_halrp(seq, seq.tasks, lr, seed, args, variant)
+        try:
+            result = run_halrp(seq, seq.tasks, lr, seed, args, variant)
+        except ValueError as err:  # a budget the variant cannot keep (placement="paper")
+            if "`budget`=" not in str(err):
+                raise
+            print(f"    {method} budget {budget:g}: refused ({str(err)[:120]}...)", flush=True)
+            return None
     elif method == "full_ft":
         result = run_full_ft(seq, seq.tasks, lr, seed, args)
     else:
@@ -393,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
                 files.append(path)
     loaded = [json.loads(f.read_text()) for f in files]
     sequences = merge([d["part"] for d in loaded])
+    for name, seq in sequences.items():
+        seq["backbone"] = BACKBONES.get(name, "")
     summary = summarize(sequences, args.budgets)
     print_summary(summary)
     out = {"command": command, "date": time.strftime("%Y-%m-%d"),

@@ -26,13 +26,20 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrained_methods import accuracy, batches, fit  # noqa: E402  (a sibling benchmark)
+from protocol import accuracy, fit  # noqa: E402  (the benchmarks' shared protocol)
+from torch.utils.data import DataLoader  # noqa: E402
 
 import halrp_adapt  # noqa: E402
 from halrp_adapt.data.task_splits import embedded_fashion_mnist, split_into_tasks  # noqa: E402
 from halrp_adapt.data.zoo import efficientnet_lite0_imagenet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def batches(dataset, batch_size: int, seed: int, train: bool, limit: int | None) -> list:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=train,
+                        generator=torch.Generator().manual_seed(seed))
+    return [b for _, b in zip(range(limit or 10 ** 9), loader)]
 
 
 def batch_statistics_accuracy(cl: halrp_adapt.HalrpModel, task: str, data) -> float:
@@ -57,11 +64,12 @@ def run(tasks, args, calibrate: bool) -> dict:
     for task in tasks:
         cl.add_task(task.name, num_classes=task.num_classes)
         cl.estimate_ranks(task.train_batches, epochs=1)
-        fit(cl, cl.trainable_parameters(), task.train_batches, args.epochs, args.lr,
+        fit(cl, [{"params": cl.trainable_parameters(), "lr": args.lr}], task.train_batches,
+            args.epochs, torch.device("cpu"),
             extra_loss=cl.regularization_loss)
         cl.end_task(calibration_data=task.train_batches if calibrate else None)
         with cl.task(task.name):
-            eval_acc = accuracy(cl, task.test_batches)
+            eval_acc = accuracy(cl, task.test_batches, torch.device("cpu"))
         batch_acc = batch_statistics_accuracy(cl, task.name, task.test_batches)
         rows.append({"task": task.name, "eval_mode": eval_acc, "batch_statistics": batch_acc,
                      "gap": batch_acc - eval_acc})

@@ -742,6 +742,95 @@ def gpu(data: dict) -> list[str]:
     return lines + ["", *_targets(data["targets"]), ""]
 
 
+FRONTIER_ORDER = ("halrp", "lora", "dora", "ia3", "adalora", "pissa", "eva", "full_ft")
+
+
+def frontier(data: dict) -> list[str]:
+    """Study 12: ACC against stored parameters per task, every method at every budget."""
+    summary, settings = data["summary"], data["settings"]
+    budgets = [str(b) for b in settings["budgets"]]
+    methods = [m for m in FRONTIER_ORDER if any(m in summary["table"].get(b, {})
+                                                  for b in budgets + ["1.0"])]
+    variants = sorted({m for per in summary["table"].values() for m in per
+                       if m.startswith("halrp[")})
+    seqs = list(data["sequences"])
+    lines = ["## 12. The frontier: accuracy at every budget, at equal compute", "",
+             f"Command: `{data['command']}` ({data['date']}; parts from "
+             f"{', '.join(data['machines'])}; merged from `{data['parts']}`). "
+             f"Every method learns the same {settings.get('max_tasks')} tasks of at most "
+             f"{settings.get('max_train_batches')} training batches of {settings['batch_size']} "
+             f"per sequence, {settings['epochs']} passes over each (HALRP's trial pass counts), "
+             "the learning rate chosen on validation at seed 0 at budget "
+             f"{settings['sweep_budget']} from {settings['lrs']} and reused, seeds "
+             f"0-{settings['seeds'] - 1}. Stored parameters per task are counted as HALRP counts "
+             "its own (the adapter, norm copies with their running statistics; heads apart), "
+             "and each peer is sized to the budget by `protocol.peers.plan_peer`. Sequences: "
+             + ", ".join(f"{n} ({data['sequences'][n].get('backbone', '')})".replace(" ()", "")
+                         for n in seqs) + ".", "",
+             "Mean ACC over the sequences each method ran (n = sequences x seeds):", "",
+             "| budget | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for b in budgets:
+        per = summary["table"].get(b, {})
+        cells = []
+        for m in methods:
+            key = "1.0" if m == "full_ft" else b
+            by_seq = summary["table"].get(key, {}).get(m, {})
+            if by_seq:
+                n = sum(v["seeds"] for v in by_seq.values())
+                mean = sum(v["acc"] for v in by_seq.values()) / len(by_seq)
+                cells.append(f"{mean:.2f} (n={n})")
+            else:
+                cells.append("-")
+        del per
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "Per sequence (ACC, mean over seeds; stored parameters per task below):", ""]
+    for name in seqs:
+        lines += [f"**{name}**", "", "| budget | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for b in budgets:
+            cells = []
+            for m in methods:
+                key = "1.0" if m == "full_ft" else b
+                row = summary["table"].get(key, {}).get(m, {}).get(name)
+                cells.append(f"{row['acc']:.2f} ({row['stored_params']:,.0f})" if row else "-")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lead = summary["halrp_lead"]
+    if lead:
+        lines += ["HALRP's lead over each peer (ACC points, paired by sequence):", "",
+                  "| budget | " + " | ".join(m for m in methods if m not in ("halrp", "full_ft"))
+                  + " |", "|---|" + "---|" * (len(methods) - 2)]
+        for b in budgets:
+            lines.append(f"| {b} | " + " | ".join(
+                f"{lead[b][m]:+.2f}" if m in lead.get(b, {}) else "-"
+                for m in methods if m not in ("halrp", "full_ft")) + " |")
+        lines.append("")
+    if variants:
+        lines += ["HALRP variants (mean ACC over the sequences both ran, change against the "
+                  "default):", "", "| budget | " + " | ".join(variants) + " |",
+                  "|---|" + "---|" * len(variants)]
+        for b in budgets:
+            per = summary["table"].get(b, {})
+            cells = []
+            for v in variants:
+                both = [n for n in per.get(v, {}) if n in per.get("halrp", {})]
+                cells.append(f"{sum(per[v][n]['acc'] - per['halrp'][n]['acc'] for n in both) / len(both):+.2f}"
+                             if both else "-")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    noise = summary["noise"]
+    if noise["pairs"]:
+        lines += [f"Noise: identical runs differ by up to {noise['max']:.2f} points "
+                  f"(mean {noise['mean']:.2f}, {noise['pairs']} pairs); smaller differences are "
+                  "not findings.", ""]
+    lines += ["![frontier](results/frontier.png)", ""]
+    said = {True: "met", False: "missed", None: "not measured yet"}
+    lines += [f"- {k.replace('_', ' ')}: **{said[v]}**" for k, v in summary["targets"].items()]
+    lines.append("")
+    return lines
+
+
 def main() -> str:
     parts = ["# Benchmarks", "",
              "Every table below is generated by `python benchmarks/report.py` from "
@@ -771,7 +860,8 @@ def main() -> str:
                          ("quality_budget_split", budget_split),
                          ("quality_estimation", estimation_quality),
                          ("quality_trial", trial_quality),
-                         ("class_incremental", class_incremental), ("memory", memory)):
+                         ("class_incremental", class_incremental), ("memory", memory),
+                         ("frontier", frontier)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
     text = "\n".join(parts)

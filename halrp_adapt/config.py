@@ -17,6 +17,7 @@ from peft import PeftConfig
 SVD_METHODS = ("auto", "full", "randomized")
 FISHER_METHODS = ("trial", "pass")
 TRIAL_METHODS = ("low-rank", "full")
+PLACEMENTS = ("budget", "paper")
 SIGNATURE_CHOICES = ("backbone", "task", None)
 FORMAT_VERSION = 1
 
@@ -61,6 +62,17 @@ class HalrpConfig(PeftConfig):
             "help": "Adapted layers that get the dense scales r and s, same forms as "
             "`target_modules`; None gives them to every adapted layer (the paper), [] to none. "
             "A layer without scales puts its whole change into its factors."
+        },
+    )
+    placement: str = field(
+        default="budget",
+        metadata={
+            "help": "How a task's budget is spent: 'budget' (every dense part, a layer's scales "
+            "or bias, a norm copy with its statistics, competes with the factors' ranks by "
+            "Fisher-weighted gain per stored parameter; a part not kept is the backbone's own, "
+            "shared and frozen; works at any budget that holds one part) or 'paper' (every "
+            "task keeps every scale, bias and norm copy, and the budget must hold them all "
+            "before any factor)."
         },
     )
     head_module: str | None = field(
@@ -198,7 +210,15 @@ class HalrpConfig(PeftConfig):
         metadata={"help": "Nonzero count of each factor held compactly, keyed '<layer>.A'/'.B'."},
     )
     norm_modules: list[str] | None = field(
-        default=None, metadata={"help": "Normalisation layers with per-task copies (None: auto)."}
+        default=None,
+        metadata={"help": "Normalisation layers with this task's own copy (None: all of them)."},
+    )
+    bias_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Adapted layers with this task's own bias (None: every one whose base "
+            "layer has a bias); the others run the base bias."
+        },
     )
     backbone_fingerprint: str | None = field(
         default=None, metadata={"help": "Fingerprint of the frozen backbone the task was made on."}
@@ -242,6 +262,8 @@ class HalrpConfig(PeftConfig):
         for name in ("task_heads", "train_base", "init_weights", "trains_base"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"`placement` must be one of {PLACEMENTS}, got {self.placement!r}.")
         if self.trial not in TRIAL_METHODS:
             raise ValueError(f"`trial` must be one of {TRIAL_METHODS}, got {self.trial!r}.")
         _check_int("trial_rank", self.trial_rank, minimum=1)
@@ -304,6 +326,7 @@ TASK_FIELDS = (
     "rank_pattern",
     "sparse_pattern",
     "norm_modules",
+    "bias_modules",
     "backbone_fingerprint",
     "metrics",
     "format_version",

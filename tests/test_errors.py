@@ -22,9 +22,23 @@ def test_budget_of_wrong_type():
         halrp_adapt.attach(tiny_cnn(), budget="5%")
 
 
-def test_budget_below_the_fixed_cost_of_a_task():
-    with pytest.raises(ValueError, match=r"`budget`=0.001 allows .* use budget >= 0\.\d+"):
-        halrp_adapt.attach(tiny_cnn(), budget=0.001)
+def test_budget_below_the_fixed_cost_of_a_task_with_the_papers_placement():
+    with pytest.raises(ValueError, match=r"`budget`=0.001 allows .* placement='paper'; use "
+                       r"budget >= 0\.\d+"):
+        halrp_adapt.attach(tiny_cnn(), budget=0.001, placement="paper")
+
+
+def test_budget_below_the_cheapest_part_names_the_smallest_that_works():
+    with pytest.raises(ValueError, match=r"`budget`=1e-05 allows .* smallest budget that works "
+                       r"here is 0\.\d+") as err:
+        halrp_adapt.attach(tiny_cnn(), budget=1e-5)
+    smallest = float(str(err.value).rsplit(" ", 1)[-1].rstrip("."))
+    halrp_adapt.attach(tiny_cnn(), budget=smallest).add_task("a", num_classes=3)
+
+
+def test_placement_must_be_known():
+    with pytest.raises(ValueError, match=r"`placement` must be one of \('budget', 'paper'\)"):
+        halrp_adapt.attach(tiny_cnn(), placement="greedy")
 
 
 def test_no_adaptable_layer():

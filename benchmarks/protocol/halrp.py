@@ -26,6 +26,9 @@ class Variant:
     estimate: dict = field(default_factory=dict)
     lr_scale: dict = field(default_factory=dict)  # kind of parameter -> multiplier
     start: str = "svd"  # or "zero-B": A from the SVD, B = 0 (the task starts at its scales)
+    # The L2 term on the scales, `wd * weight * sum((r - target)^2 + (s - target)^2) / 2`:
+    # (0, 1) is the paper's (toward 0), target 1 pulls toward the identity.
+    scale_decay: tuple[float, float] = (0.0, 1.0)
 
 
 ABLATIONS: dict[str, Variant] = {
@@ -49,13 +52,19 @@ ABLATIONS: dict[str, Variant] = {
     # default up to issue 23), against the default low-rank trial on the model itself.
     "full trial (merged copy and dense Adam)": Variant(options={"trial": "full"}),
     "explained share 0.99": Variant(options={"explained": 0.99}),
+    # Issue 24: where the budget goes, and the scales' regularisation.
+    "paper placement (every scale, bias, norm)": Variant(options={"placement": "paper"}),
+    "scale decay toward 1": Variant(scale_decay=(1.0, 1.0)),
+    "scale decay toward 1, x10": Variant(scale_decay=(1.0, 10.0)),
+    "no scale decay": Variant(scale_decay=(0.0, 0.0)),
     "trial rank 8": Variant(options={"trial_rank": 8}),
 }
 
 
 # --quick runs these, which between them use every field of `Variant`.
 QUICK_ABLATIONS = ("default", "trial lr / 10", "trial 2 epochs", "norms and head lr x3",
-                   "factors start at B = 0", "scales only on layers without factors")
+                   "factors start at B = 0", "scales only on layers without factors",
+                   "scale decay toward 1")
 
 
 def _kind(name: str) -> str:
@@ -76,6 +85,24 @@ def groups(cl, lr: float, variant: Variant) -> list[dict]:
         if p.requires_grad:
             by_kind.setdefault(_kind(name), []).append(p)
     return [{"params": ps, "lr": lr * variant.lr_scale.get(k, 1.0)} for k, ps in by_kind.items()]
+
+
+def regularization(cl, variant: Variant):
+    """`cl.regularization_loss`, with the scales' L2 term replaced as `variant` asks."""
+    target, weight = variant.scale_decay
+    if (target, weight) == (0.0, 1.0):
+        return cl.regularization_loss
+    wd = cl.config.wd
+    task = cl.open_task
+
+    def loss():
+        scales = [d[task] for ly in cl.adapter_layers().values()
+                  for d in (ly.halrp_r, ly.halrp_s) if task in d]
+        paper = sum(p.pow(2).sum() for p in scales)
+        wanted = sum((p - target).pow(2).sum() for p in scales)
+        return cl.regularization_loss() + wd * (weight * wanted - paper) / 2
+
+    return loss
 
 
 def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
@@ -116,7 +143,7 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
             ranks.append(dict(estimate.explained_ranks))
             estimate_s.append(sum(v for k, v in estimate.seconds.items() if k != "trial"))
         fit(cl, groups(cl, lr, variant), task.train, epochs, device,
-            extra_loss=cl.regularization_loss)
+            extra_loss=regularization(cl, variant))
         stats = cl.end_task(calibration_data=[on(b, device) for b in task.train])
         seconds.append(time.perf_counter() - start)
         if not trains_base:

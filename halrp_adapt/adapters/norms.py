@@ -2,8 +2,9 @@
 
 Each task gets a deep copy of the base norm module, so every subclass keeps its own forward
 (timm's `BatchNormAct2d` with its activation, `LayerNorm2d`'s permutes, RMSNorm variants).
-The copy carries the affine parameters and the running statistics. The base copy and the copies
-of finished tasks always run in eval mode: their statistics never move again.
+The copy carries the affine parameters and the running statistics. A task may also keep no copy
+(its budget placed elsewhere): it then runs the base module. The base module and the copies of
+finished tasks always run in eval mode: their statistics never move again.
 """
 
 from __future__ import annotations
@@ -31,9 +32,15 @@ class TaskNorm(TaskRouted):
         self.halrp_norm[task] = copy.deepcopy(self.base_layer)
         self.halrp_norm[task].train(self.training)
 
+    def drop_task_copy(self, task: str) -> None:
+        """Task `task` runs the base module here (frozen, eval mode) and stores no copy."""
+        if task in self.halrp_norm:
+            del self.halrp_norm[task]
+
     def freeze_task(self, task: str) -> None:
         super().freeze_task(task)
-        self.halrp_norm[task].eval()
+        if task in self.halrp_norm:
+            self.halrp_norm[task].eval()
 
     def train(self, mode: bool = True) -> TaskNorm:
         super().train(mode)
@@ -47,7 +54,7 @@ class TaskNorm(TaskRouted):
         if self.row_routing is not None:
             return self.forward_rows(self.halrp_norm, args, kwargs)
         task = self.routed_task
-        if task is None:
+        if task is None or task not in self.halrp_norm:
             return self.base_layer(*args, **kwargs)
         return call_in_own_dtype(self.halrp_norm[task], args, kwargs)
 

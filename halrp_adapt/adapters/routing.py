@@ -180,7 +180,7 @@ class TaskRouted(nn.Module, BaseTunerLayer):
         self, copies: nn.ModuleDict, args: tuple, kwargs: dict, pad_last: bool = False
     ) -> Tensor:
         """Under `row_routing`, each task's own module of `copies` on its rows of `args[0]`
-        (the base module on rows of no task)."""
+        (the base module on rows of no task or of a task without a copy here)."""
         routing = self.row_routing
         assert routing is not None  # called only while a mixed batch is routed by rows
         routing.check(args[0], type(self).__name__)
@@ -189,7 +189,9 @@ class TaskRouted(nn.Module, BaseTunerLayer):
             routing,
             args[0],
             lambda task, x: call_in_own_dtype(
-                base if task is None else copies[task], (x, *args[1:]), kwargs
+                copies[task] if task is not None and task in copies else base,
+                (x, *args[1:]),
+                kwargs,
             ),
             pad_last=pad_last,
         )

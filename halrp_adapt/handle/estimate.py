@@ -13,7 +13,13 @@ import torch
 from ..adapters.layers import HalrpLayer
 from ..config import HalrpConfig
 from ..files.serialization import is_sharded
-from ..method.allocation import LayerSpectrum, budget_ranks, explained_counts, explained_ranks
+from ..method.allocation import (
+    LayerSpectrum,
+    budget_placement,
+    budget_ranks,
+    explained_counts,
+    explained_ranks,
+)
 from ..method.decompose import (
     Spectrum,
     decompose,
@@ -22,10 +28,17 @@ from ..method.decompose import (
     fit_scales,
     residual,
 )
-from ..method.fisher import DenseGradientFisher, dense_gradient_fisher_pass
+from ..method.fisher import DenseGradientFisher, TrialFisher, dense_gradient_fisher_pass
 from ..method.losses import LossFn, batch_size, default_loss
 from ..method.trial import planned_steps, resolve_trial_lr, trial_finetune, trial_with_fisher
 from .accounting import task_stats
+from .placement import (
+    dense_parts,
+    dense_start,
+    drop_parts,
+    part_parameters,
+    plain_part_parameters,
+)
 
 if TYPE_CHECKING:
     from .model import HalrpModel
@@ -45,6 +58,8 @@ class EstimateResult:
     trial_steps: int = 0
     trial_lr: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)  # trial, fisher, decompose, allocate
+    parts: dict[str, bool] = field(default_factory=dict)  # dense part -> kept (placement)
+    part_gains: dict[str, float] = field(default_factory=dict, repr=False)
 
 
 def svd_method(config_svd: str, smallest_side: int, randomized_min_dim: int, rank_cap: int) -> str:
@@ -118,6 +133,7 @@ def estimate_task(
         clock = now
 
     full_trial = cfg.trial == "full" or is_sharded(handle.model)
+    start = dense_start(handle, task) if cfg.placement == "budget" else {}
     trial = Trial(
         data=data,
         loss_fn=loss_fn,
@@ -136,10 +152,13 @@ def estimate_task(
     # and the spectrum of each layer's residual. A sharded model's trial runs on a plain copy:
     # its own forward is a collective, and estimation runs on the main process alone.
     if full_trial:
-        taken, fisher, spectra, residuals = _full_trial(handle, task, cfg, trial)
+        taken, fisher, spectra, residuals, scale_changes = _full_trial(handle, task, cfg, trial)
     else:
         taken, fisher, spectra = _low_rank_trial(handle, task, cfg, trial)
-        residuals = {}
+        residuals, scale_changes = {}, {}
+    # The dense parts' Fisher (placement="budget") came back beside the layers': keys "kind:..."
+    part_fisher = {k: v for k, v in fisher.items() if ":" in k}
+    fisher = {k: v for k, v in fisher.items() if ":" not in k}
 
     def described() -> list[LayerSpectrum]:
         return [
@@ -167,14 +186,26 @@ def estimate_task(
     residuals.clear()
     lap("decompose")
 
-    # 5-6. Global choice by explained share, then fitted to the budget up front.
+    # 5-6. Global choice by explained share, then fitted to the budget up front: with
+    # placement="budget" the dense parts compete with the ranks for it, by gain per parameter.
     spectrum_list = described()
     caps = explained_ranks(spectrum_list, cfg.explained, cfg.upper_rank)
-    stats = task_stats(
-        task, layers, list(handle.task_norms().values()), None, handle.backbone_params, False
-    )
-    room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
-    ranks = budget_ranks(spectrum_list, caps, room)
+    kept_parts: dict[str, bool] = {}
+    gains: dict[str, float] = {}
+    if cfg.placement == "budget":
+        parts = dense_parts(handle, task, part_fisher, scale_changes, start)
+        ranks, kept = budget_placement(
+            spectrum_list, caps, parts, cfg.budget * handle.backbone_params
+        )
+        drop_parts(handle, task, {p.name for p in parts} - kept)
+        kept_parts = {p.name: p.name in kept for p in parts}
+        gains = {p.name: p.gain for p in parts}
+    else:
+        stats = task_stats(
+            task, layers, list(handle.task_norms().values()), None, handle.backbone_params, False
+        )
+        room = cfg.budget * handle.backbone_params - (stats.stored_params - stats.low_rank_params)
+        ranks = budget_ranks(spectrum_list, caps, room)
 
     # 7. Factors from the SVD (a low-rank trial's own factors are replaced or dropped).
     for name in spectra:
@@ -193,6 +224,8 @@ def estimate_task(
         trial_steps=taken,
         trial_lr=trial.lr,
         seconds=seconds,
+        parts=kept_parts,
+        part_gains=gains,
     )
 
 
@@ -211,11 +244,12 @@ class Trial:
 
 def _full_trial(
     handle: HalrpModel, task: str, cfg: HalrpConfig, trial: Trial
-) -> tuple[int, dict[str, float], dict[str, Spectrum], dict[str, torch.Tensor]]:
+) -> tuple[int, dict[str, float], dict[str, Spectrum], dict[str, torch.Tensor], dict[str, float]]:
     """The paper's estimation: a merged copy of the task's model fine-tuned freely (every
     weight the task adapts trained densely, with Adam), the Fisher, least-squares scales and
     the SVD of each residual `W_free - diag(r) W0 diag(s)`. Returns the steps, the Fisher, the
-    spectra, and the residuals whose SVD was truncated (for a whole one later if needed)."""
+    spectra, the residuals whose SVD was truncated (for a whole one later if needed), and
+    `||diag(r) W0 diag(s) - W0||^2` of each scaled layer (its scales' part gain)."""
     layers = handle.adapter_layers()
     # 1. Trial fine-tune of a plain copy of the task's model: what the task keeps is free.
     # 2. Empirical Fisher of each low-rank-capable layer: from the trial's last steps, or a
@@ -224,6 +258,8 @@ def _full_trial(
     plain_modules = dict(plain.named_modules())
     low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
     measured = {n: plain_modules[n].weight for n in low_rank}
+    parts = plain_part_parameters(handle, plain) if cfg.placement == "budget" else {}
+    measured.update(parts)
     taken, fisher = trial_with_fisher(
         plain,
         trial.data,
@@ -236,11 +272,13 @@ def _full_trial(
         lr=trial.lr,
         trainable=kept_parameter_names(handle, plain),
         lap=trial.lap,
+        optional=parts,
     )
 
     # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).
     spectra: dict[str, Spectrum] = {}
     residuals: dict[str, torch.Tensor] = {}
+    scale_changes: dict[str, float] = {}
     with torch.no_grad():
         for name, layer in layers.items():
             # float64 steps that Apple's MPS lacks run on the CPU there (set_* copies back).
@@ -249,6 +287,8 @@ def _full_trial(
             w_base = layer.canonical(layer.weight.detach()).to(work)
             if task in layer.halrp_r:
                 r, s = fit_scales(w_free, w_base, layer.groups)
+                grid = r[:, None] * layer.expand_input_scale(s)
+                scale_changes[name] = float((w_base * (grid - 1)[:, :, None]).pow(2).sum())
                 layer.set_scales(task, r, s)
             else:  # a layer left out of `scale_modules`: its factors carry the whole change
                 r = w_base.new_ones(w_base.shape[0])
@@ -261,7 +301,7 @@ def _full_trial(
             if len(spectra[name].S) < min(d.shape):
                 residuals[name] = d
         _adopt_trial_state(handle, task, plain_modules)
-    return taken, fisher, spectra, residuals
+    return taken, fisher, spectra, residuals, scale_changes
 
 
 def _low_rank_trial(
@@ -311,6 +351,24 @@ def _train_low_rank(
         gathered = DenseGradientFisher(
             low_rank, planned_steps(trial.data, trial.epochs, trial.steps)
         )
+    # The dense parts' Fisher: their own gradients over the trial's last steps (either `fisher`).
+    part_tensors = part_parameters(handle, task) if cfg.placement == "budget" else {}
+    parts_fisher = (
+        TrialFisher(
+            part_tensors,
+            planned_steps(trial.data, trial.epochs, trial.steps),
+            optional=part_tensors,
+        )
+        if part_tensors
+        else None
+    )
+
+    def after_backward(step: int, batch: Any) -> None:
+        if gathered is not None:
+            gathered.after_backward(step, batch_size(batch))
+        if parts_fisher is not None:
+            parts_fisher.after_backward(step, batch_size(batch))
+
     was_training = model.training
     try:
         with handle.task(task), gathered.attached() if gathered else contextlib.nullcontext():
@@ -324,8 +382,8 @@ def _train_low_rank(
                 trainable=trainable,
                 before_step=gathered.before_step if gathered else None,
                 after_backward=None
-                if gathered is None
-                else lambda step, batch: gathered.after_backward(step, batch_size(batch)),
+                if gathered is None and parts_fisher is None
+                else after_backward,
             )
             trial.lap("trial")
             if gathered is not None:
@@ -333,6 +391,8 @@ def _train_low_rank(
             else:
                 source = trial.fisher_data if trial.fisher_data is not None else trial.data
                 fisher = dense_gradient_fisher_pass(model, source, low_rank, trial.loss_fn)
+            if parts_fisher is not None:
+                fisher.update(parts_fisher.result())
             trial.lap("fisher")
     finally:
         model.train(was_training)

@@ -44,6 +44,7 @@ from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
 from .estimate import estimate_task
 from .mixed import forward_tasks
+from .placement import fit_parts_to_budget, smallest_part_cost
 from .plain_copy import plain_from_structure, remembered_structure
 from .task_retrieval import class_offsets, compute_signature, forward_auto, predict_tasks
 
@@ -253,7 +254,7 @@ class HalrpModel(nn.Module):
         trains_base = self.config.train_base and not self._tasks
         scaled = set(select_scaled(list(self.adapter_layers()), options.scale_modules))
         if not trains_base:  # a PEFT adapter's own budget and scales are checked as attach's
-            self._check_budget_covers_fixed_cost(options.budget, scaled)
+            self._check_budget_covers_fixed_cost(options.budget, scaled, options.placement)
         self._add_skeleton(name, options, scaled, trains_base, num_classes, low_cpu_mem_usage)
         config = dataclasses.replace(
             copy.deepcopy(options),
@@ -357,8 +358,13 @@ class HalrpModel(nn.Module):
         layers, head = self.adapter_layers(), self.task_head()
         empty = init_empty_weights(include_buffers=False)
         with empty if low_cpu_mem_usage else contextlib.nullcontext():
+            biased = None if config.bias_modules is None else set(config.bias_modules)
             for layer_name, layer in layers.items():
-                layer.add_task(name, scales=not trains_base and layer_name in scaled)
+                layer.add_task(
+                    name,
+                    scales=not trains_base and layer_name in scaled,
+                    bias=biased is None or layer_name in biased,
+                )
                 rank = (ranks or {}).get(layer_name, 0)
                 if rank:
                     layer.add_factor_skeleton(
@@ -366,8 +372,10 @@ class HalrpModel(nn.Module):
                         rank,
                         {w: config.sparse_pattern.get(f"{layer_name}.{w}") for w in "AB"},
                     )
-            for norm in self.task_norms().values():
-                norm.add_task(name)
+            normed = None if config.norm_modules is None else set(config.norm_modules)
+            for norm_name, norm in self.task_norms().items():
+                if normed is None or norm_name in normed:
+                    norm.add_task(name)
             if head is not None:
                 head.add_task(name, num_classes)
         if low_cpu_mem_usage:
@@ -435,13 +443,17 @@ class HalrpModel(nn.Module):
             layer, _, which = key.rpartition(".")
             if which not in ("A", "B") or layer not in config.rank_pattern:
                 raise ValueError(f"`sparse_pattern` key {key!r} names no factor of the task.")
-        if config.norm_modules is not None and sorted(config.norm_modules) != sorted(
-            self.task_norms()
-        ):
+        unknown_norms = sorted(set(config.norm_modules or ()) - set(self.task_norms()))
+        if unknown_norms:
             raise ValueError(
-                "the task was saved with per-task norms in other layers: "
-                f"{sorted(config.norm_modules)[:5]} vs "
-                f"{sorted(self.task_norms())[:5]}."
+                "the task was saved with its own norms in layers this model does not route: "
+                f"{unknown_norms[:5]}; routed norms here: {sorted(self.task_norms())[:5]}."
+            )
+        unknown_biases = sorted(set(config.bias_modules or ()) - set(layers))
+        if unknown_biases:
+            raise ValueError(
+                f"the task has its own bias in layers this model does not adapt: "
+                f"{unknown_biases[:5]}."
             )
         if config.num_classes is not None and self.task_head() is None:
             raise ValueError(
@@ -466,7 +478,14 @@ class HalrpModel(nn.Module):
         }
         config.target_modules = "|".join(re.escape(n) for n in layers)
         config.exclude_modules = None
-        config.norm_modules = list(self.task_norms())
+        norms = self.task_norms()
+        normed = [n for n, norm in norms.items() if name in norm.halrp_norm]
+        config.norm_modules = None if len(normed) == len(norms) else normed
+        with_bias = [
+            n for n, ly in layers.items() if getattr(ly.base_layer, "bias", None) is not None
+        ]
+        biased = [n for n in with_bias if name in layers[n].halrp_bias]
+        config.bias_modules = None if len(biased) == len(with_bias) else biased
         scaled = [n for n, ly in layers.items() if name in ly.halrp_r]
         config.scale_modules = None if len(scaled) == len(layers) else scaled
         config.head_module = self.head_name
@@ -591,6 +610,8 @@ class HalrpModel(nn.Module):
         info = self._require_open("end_task()")
         task = info.name
         _check_positive_or_none("max_calibration_batches", max_calibration_batches, int)
+        if not info.trains_base and info.config.placement == "budget":
+            fit_parts_to_budget(self, task, info.config.budget)  # ended without estimate_ranks
         has_statistics = bool(task_batch_norms(self, task))
         wants_signature = self._signature_kind() is not None
         passes = int(has_statistics) + int(wants_signature)
@@ -732,7 +753,8 @@ class HalrpModel(nn.Module):
             if isinstance(module, HalrpLayer):
                 plain_parts[id(module)] = module.merged_layer(name)
             elif isinstance(module, TaskNorm):
-                plain_parts[id(module)] = _in_dtype_of(module.halrp_norm[name], module.base_layer)
+                own = module.halrp_norm[name] if name in module.halrp_norm else module.base_layer
+                plain_parts[id(module)] = _in_dtype_of(own, module.base_layer)
             elif isinstance(module, TaskHead):
                 plain_parts[id(module)] = _in_dtype_of(module.halrp_head[name], module.base_layer)
         if inplace:
@@ -980,20 +1002,43 @@ class HalrpModel(nn.Module):
                 norm.base_layer.load_state_dict(norm.halrp_norm[task].state_dict())
 
     def _check_budget_covers_fixed_cost(
-        self, budget: float | None = None, scaled: set[str] | None = None
+        self,
+        budget: float | None = None,
+        scaled: set[str] | None = None,
+        placement: str | None = None,
     ) -> None:
+        """Refuse a budget no task can keep: below the cheapest part (`placement="budget"`),
+        or below every scale, bias and norm copy together (`placement="paper"`)."""
         budget = self.config.budget if budget is None else budget
         scaled = self._scaled_layers if scaled is None else scaled
-        fixed = fixed_task_cost(self.adapter_layers(), list(self.task_norms().values()), scaled)
+        placement = self.config.placement if placement is None else placement
         allowed = budget * self.backbone_params
+        if placement == "budget":
+            smallest = smallest_part_cost(self, scaled)
+            if smallest > allowed:
+                raise ValueError(
+                    f"`budget`={budget} allows {allowed:,.2f} parameters per task, less than "
+                    f"the cheapest part a task can keep ({smallest:,} parameters: one bias, "
+                    "scale pair, norm copy or rank); the smallest budget that works here is "
+                    f"{_round_up(smallest / self.backbone_params)}."
+                )
+            return
+        fixed = fixed_task_cost(self.adapter_layers(), list(self.task_norms().values()), scaled)
         if fixed > allowed:
             raise ValueError(
                 f"`budget`={budget} allows {allowed:,.0f} parameters per task, "
                 f"less than the {fixed:,} every task stores before any low-rank factor (scales, "
-                f"biases and norms of {len(self.adapter_layers())} layers); use budget >= "
-                f"{fixed / self.backbone_params:.4f} or adapt fewer layers (`target_modules`, "
-                "`scale_modules`)."
+                f"biases and norms of {len(self.adapter_layers())} layers) with "
+                f"placement='paper'; use budget >= {_round_up(fixed / self.backbone_params)}, "
+                "placement='budget' (parts compete for the budget), or adapt fewer layers "
+                "(`target_modules`, `scale_modules`)."
             )
+
+
+def _round_up(share: float) -> float:
+    """`share` rounded up to 3 significant digits: a budget that holds it."""
+    digits = 2 - math.floor(math.log10(share)) if share > 0 else 0
+    return math.ceil(share * 10**digits) / 10**digits
 
 
 def _total(tensors: list[Tensor], term: Callable[[Tensor], Tensor], zero: Tensor) -> Tensor:

@@ -60,7 +60,7 @@ def export_lora(
         raise ValueError(f"`max_rank` must be None or an int >= 1, got {max_rank!r}.")
     factors, biases = _layer_changes(handle, task, max_rank, tolerance)
     norms, head = handle.task_norms(), handle.task_head()
-    keep = list(norms)
+    keep = [n for n, norm in norms.items() if task in norm.halrp_norm]  # the others: the base's
     if head is not None:
         assert handle.head_name is not None  # task_head() is None without a head name
         keep.append(handle.head_name)

@@ -11,6 +11,14 @@ greedily by score per parameter (score / (out + in), the cost of one more rank o
 while they fit, never beyond the explained-share rank of their layer. Within a layer the values
 are sorted, so each layer still gets a prefix. Every layer first keeps rank 1 if the budget has
 room for it, in order of its best score per parameter.
+
+Placement (`placement="budget"`, this project's default): the task's dense parts (a layer's
+scales r and s, a layer's bias, a norm copy with its statistics) compete with the factors' ranks
+for the same budget. Each part's gain is its Fisher-weighted squared change,
+`sum fisher * (theta - theta_base)^2`, the second-order estimate of what the loss loses without
+it, in the units of a singular value's score (`kernel_area * sigma^2 * fisher` is the same sum
+over a rank-one change of a weight). Parts and ranks are taken greedily by gain per stored
+parameter while they fit; a part not taken is the backbone's own, shared and frozen.
 """
 
 from __future__ import annotations
@@ -94,6 +102,57 @@ def budget_ranks(
             ranks[layer.name] += 1
             left -= layer.rank_cost
     return ranks
+
+
+@dataclass
+class DensePart:
+    """A per-task part kept whole or not at all: a layer's scales, its bias, a norm copy."""
+
+    name: str  # "scales:<layer>", "bias:<layer>" or "norm:<module>"
+    cost: int  # parameters stored (a norm's running statistics included)
+    gain: float  # sum of fisher * squared change from the backbone's
+
+
+def budget_placement(
+    layers: list[LayerSpectrum],
+    caps: dict[str, int],
+    parts: list[DensePart],
+    budget_params: float,
+) -> tuple[dict[str, int], set[str]]:
+    """Ranks (at most `caps`) and the names of the dense `parts` kept within `budget_params`,
+    taken by gain per parameter; everything when everything fits.
+
+    Example:
+        >>> import torch
+        >>> layer = LayerSpectrum("fc", torch.tensor([2.0, 1.0]), 5.0, 1.0, 1, 4, 4)
+        >>> parts = [DensePart("bias:fc", 4, 0.5), DensePart("scales:fc", 8, 16.0)]
+        >>> budget_placement([layer], {"fc": 2}, parts, budget_params=16)
+        ({'fc': 1}, {'scales:fc'})
+    """
+    total = sum(p.cost for p in parts) + sum(caps[ly.name] * ly.rank_cost for ly in layers)
+    if total <= budget_params:
+        return dict(caps), {p.name for p in parts}
+    ranks = {ly.name: 0 for ly in layers}
+    kept: set[str] = set()
+    candidates: list[tuple[float, int, LayerSpectrum | DensePart]] = [
+        (p.gain / p.cost, p.cost, p) for p in parts if p.cost > 0
+    ]
+    candidates += [
+        (_density(ly, i), ly.rank_cost, ly) for ly in layers for i in range(caps[ly.name])
+    ]
+    # Python's sort is stable: equal densities keep this order (parts, then each layer's
+    # values in descending order, so a layer's ranks stay a prefix).
+    candidates.sort(key=lambda c: -c[0])
+    left = budget_params
+    for _, cost, what in candidates:
+        if cost > left:
+            continue
+        left -= cost
+        if isinstance(what, DensePart):
+            kept.add(what.name)
+        else:
+            ranks[what.name] += 1
+    return ranks, kept
 
 
 def _density(layer: LayerSpectrum, i: int) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -82,8 +82,14 @@ class TrialFisher:
         64.0
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor], total_steps: int | None) -> None:
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        total_steps: int | None,
+        optional: Collection[str] = (),
+    ) -> None:
         self.weights = weights
+        self.optional = set(optional)  # names whose missing gradient counts as zero
         self.first_step = None if total_steps is None else total_steps - _window(total_steps)
         self.records: list[torch.Tensor] = []
 
@@ -91,12 +97,15 @@ class TrialFisher:
         """Record step `step` (0-based), if it can be among the last steps."""
         if self.first_step is not None and step < self.first_step:
             return
-        grads = [w.grad for w in self.weights.values()]
-        if any(g is None for g in grads):
-            missing = [n for n, w in self.weights.items() if w.grad is None]
-            raise RuntimeError(f"the trial's loss gives no gradient to the weights {missing}.")
-        norms = torch._foreach_norm([g.float() for g in grads])  # type: ignore[union-attr]
-        sizes = torch.tensor([g.numel() for g in grads], device=norms[0].device)  # type: ignore[union-attr]
+        missing = [n for n, w in self.weights.items() if w.grad is None]
+        if any(n not in self.optional for n in missing):
+            required = [n for n in missing if n not in self.optional]
+            raise RuntimeError(f"the trial's loss gives no gradient to the weights {required}.")
+        grads = [
+            w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights.values()
+        ]
+        norms = torch._foreach_norm([g.float() for g in grads])
+        sizes = torch.tensor([g.numel() for g in grads], device=norms[0].device)
         self.records.append(torch.stack(norms).pow(2) / sizes * batch_size)
 
     def result(self) -> dict[str, float]:

@@ -151,15 +151,17 @@ def trial_with_fisher(
     lr: float,
     trainable: Collection[str] | None = None,
     lap: Callable[[str], None] | None = None,
+    optional: Collection[str] = (),
 ) -> tuple[int, dict[str, float]]:
     """`trial_finetune`, then the empirical Fisher of `weights`: read off the trial's last
     steps (`fisher="trial"`) or from a pass over `fisher_data` (default `data`) at its final
     weights (`fisher="pass"`). Returns the steps taken and {name: Fisher}; `lap("trial")` and
-    `lap("fisher")` are called as each part ends (for timings)."""
+    `lap("fisher")` are called as each part ends (for timings). Weights named in `optional`
+    may get no gradient (their Fisher is then 0)."""
     lap = lap or (lambda phase: None)
     gathered = None
     if fisher == "trial":
-        gathered = TrialFisher(weights, planned_steps(data, epochs, steps))
+        gathered = TrialFisher(weights, planned_steps(data, epochs, steps), optional)
     taken = trial_finetune(
         model,
         data,

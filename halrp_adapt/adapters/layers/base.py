@@ -179,8 +179,9 @@ class HalrpLayer(TaskRouted):
         return v.view(v.shape[0], *[1] * (ndim - 2), v.shape[1])
 
     # ---- per-task state ----------------------------------------------------------------------
-    def add_task(self, task: str, scales: bool = True) -> None:
-        """Give `task` identity scales (if `scales`) and a copy of the base bias; no factors."""
+    def add_task(self, task: str, scales: bool = True, bias: bool = True) -> None:
+        """Give `task` identity scales (if `scales`) and a copy of the base bias (if `bias`);
+        no factors. A task without its own bias uses the base layer's, frozen."""
         w = self.weight
         if scales:
             self.halrp_r[task] = nn.Parameter(
@@ -189,9 +190,26 @@ class HalrpLayer(TaskRouted):
             self.halrp_s[task] = nn.Parameter(
                 torch.ones(self.in_features, device=w.device, dtype=w.dtype)
             )
-        bias = getattr(self.base_layer, "bias", None)
-        if bias is not None:
-            self.halrp_bias[task] = _own(bias, bias)
+        base_bias = getattr(self.base_layer, "bias", None)
+        if bias and base_bias is not None:
+            self.halrp_bias[task] = _own(base_bias, base_bias)
+
+    def task_bias(self, task: str) -> Tensor | None:
+        """The bias task `task` runs with: its own copy, else the base layer's (or None)."""
+        if task in self.halrp_bias:
+            return self.halrp_bias[task]
+        return cast(Tensor | None, getattr(self.base_layer, "bias", None))
+
+    def drop_scales(self, task: str) -> None:
+        """The task runs with the base weight's own scale (r = s = 1) here and stores none."""
+        for container in (self.halrp_r, self.halrp_s):
+            if task in container:
+                del container[task]
+
+    def drop_bias(self, task: str) -> None:
+        """The task runs with the base layer's bias here and stores none."""
+        if task in self.halrp_bias:
+            del self.halrp_bias[task]
 
     def task_dtype(self, task: str) -> torch.dtype:
         """The dtype of the task's tensors here: float32 on a half-precision backbone with
@@ -355,11 +373,13 @@ class HalrpLayer(TaskRouted):
     ) -> Tensor | None:
         """Each row's task's vector from `entries` (rows, size), in `dtype`. A task without
         one (or rows of no task) get ones, or with `base_bias` the base layer's bias (zeros
-        without one); None when no task present has one."""
-        if not any(t in entries for t in routing.tasks if t is not None):
+        without one); None when no task present has one (and, with `base_bias`, the base
+        layer has no bias)."""
+        has_base_bias = base_bias and getattr(self.base_layer, "bias", None) is not None
+        if not has_base_bias and not any(t in entries for t in routing.tasks if t is not None):
             return None
         w = self.weight
-        if base_bias and getattr(self.base_layer, "bias", None) is not None:
+        if has_base_bias:
             missing = cast(Tensor, self.base_layer.bias).to(dtype)
         else:
             missing = w.new_full((size,), 0.0 if base_bias else 1.0, dtype=dtype)
@@ -406,14 +426,14 @@ class HalrpLayer(TaskRouted):
         )
 
     def folded_forward(self, x: Tensor, task: str) -> Tensor:
-        bias = self.halrp_bias[task] if task in self.halrp_bias else None
+        bias = self.task_bias(task)
         weight = self.merged_weight(task).to(x.dtype)
         return self.forward_with_weight(x, weight, None if bias is None else bias.to(x.dtype))
 
     def activation_forward(self, x: Tensor, task: str) -> Tensor:
         r = self.halrp_r[task] if task in self.halrp_r else None
         s = self.halrp_s[task] if task in self.halrp_s else None
-        bias = self.halrp_bias[task] if task in self.halrp_bias else None
+        bias = self.task_bias(task)
         A = B = None
         if self.rank(task):
             A, B = self.factor(task, "A"), self.factor(task, "B")
