@@ -346,6 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     given = list(sys.argv[1:] if argv is None else argv)
+    if "--merge" in given:  # the command names the parts' folders, not every file
+        at = given.index("--merge")
+        rest = [g for g in given[at + 1:] if not g.startswith("--")]
+        folders = sorted({str(Path(f).parent) for f in rest})
+        given = [*given[:at], "--merge", *(f"{d}/*.json" for d in folders),
+                 *given[at + 1 + len(rest):]]
     args.sequences = args.sequences.split(",")
     args.methods = args.methods.split(",") + [f"halrp[{v}]" for v in args.variants.split(",")
                                               if v]
@@ -369,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.device = torch.device(args.device)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.merge and args.parts is None:
+        args.parts = args.merge[0].parent
     args.parts = args.parts or RESULTS / "frontier_parts" / time.strftime("%Y%m%d-%H%M%S")
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, {args.device}"
     command = " ".join(["python benchmarks/frontier.py", *given])

@@ -750,7 +750,7 @@ def frontier(data: dict) -> list[str]:
     summary, settings = data["summary"], data["settings"]
     budgets = [str(b) for b in settings["budgets"]]
     methods = [m for m in FRONTIER_ORDER if any(m in summary["table"].get(b, {})
-                                                  for b in budgets + ["1.0"])]
+                                                  for b in budgets)]
     variants = sorted({m for per in summary["table"].values() for m in per
                        if m.startswith("halrp[")})
     seqs = list(data["sequences"])
@@ -767,15 +767,16 @@ def frontier(data: dict) -> list[str]:
              "and each peer is sized to the budget by `protocol.peers.plan_peer`. Sequences: "
              + ", ".join(f"{n} ({data['sequences'][n].get('backbone', '')})".replace(" ()", "")
                          for n in seqs) + ".", "",
-             "Mean ACC over the sequences each method ran (n = sequences x seeds):", "",
+             "Mean ACC over the sequences each method ran (n = sequences x seeds; the sets "
+             "differ between methods while the study is incomplete: compare with the paired "
+             "lead below):", "",
              "| budget | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for b in budgets:
         per = summary["table"].get(b, {})
         cells = []
         for m in methods:
-            key = "1.0" if m == "full_ft" else b
-            by_seq = summary["table"].get(key, {}).get(m, {})
+            by_seq = summary["table"].get(b, {}).get(m, {})
             if by_seq:
                 n = sum(v["seeds"] for v in by_seq.values())
                 mean = sum(v["acc"] for v in by_seq.values()) / len(by_seq)
@@ -791,8 +792,7 @@ def frontier(data: dict) -> list[str]:
         for b in budgets:
             cells = []
             for m in methods:
-                key = "1.0" if m == "full_ft" else b
-                row = summary["table"].get(key, {}).get(m, {}).get(name)
+                row = summary["table"].get(b, {}).get(m, {}).get(name)
                 cells.append(f"{row['acc']:.2f} ({row['stored_params']:,.0f})" if row else "-")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
