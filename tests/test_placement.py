@@ -107,3 +107,37 @@ def test_the_papers_placement_keeps_every_part():
         for n in cl.task_norms().values())
     assert all("a" in ly.halrp_r for ly in cl.adapter_layers().values())
     assert cl._tasks["a"].estimate.parts == {}
+
+
+def test_batchnorm_copies_are_kept_all_or_none_when_the_task_is_added():
+    """A task copies every BatchNorm (statistics and affine) or none, decided before it trains:
+    its trial then learns on the network it keeps. Without copies it runs the backbone's
+    frozen statistics, the trial's automatic rate is the frozen-statistics one, and the
+    backbone's running statistics never move."""
+    from halrp_adapt.handle.placement import STATISTICS_SHARE, statistics_norms
+    from halrp_adapt.method.trial import LOW_RANK_TRIAL_LRS
+
+    small = halrp_adapt.attach(tiny_cnn(), budget=0.01)
+    bn_names = statistics_norms(small)
+    cost = sum(4 * small.task_norms()[n].base_layer.num_features for n in bn_names)
+    assert len(bn_names) == 2 and cost > STATISTICS_SHARE * 0.01 * small.backbone_params
+    base_stats = {n: small.task_norms()[n].base_layer.running_mean.clone() for n in bn_names}
+    small.add_task("a", num_classes=3)
+    assert not any("a" in small.task_norms()[n].halrp_norm for n in bn_names)
+    assert "a" in small.task_norms()["9"].halrp_norm  # the LayerNorm competes after the trial
+    data = batches()
+    small.estimate_ranks(data)
+    assert small._tasks["a"].estimate.trial_lr == LOW_RANK_TRIAL_LRS["cnn-frozen-statistics"]
+    assert not any(p.startswith("norm:1") or p.startswith("norm:4")
+                   for p in small._tasks["a"].estimate.parts)
+    train_steps(small, data, steps=2)
+    small.end_task(calibration_data=data)
+    for n in bn_names:
+        assert torch.equal(small.task_norms()[n].base_layer.running_mean, base_stats[n])
+    assert small.task_config("a").norm_modules in (["9"], [])
+
+    large = halrp_adapt.attach(tiny_cnn(), budget=0.5)
+    large.add_task("a", num_classes=3)
+    assert all("a" in large.task_norms()[n].halrp_norm for n in bn_names)
+    large.estimate_ranks(data)
+    assert large._tasks["a"].estimate.trial_lr == LOW_RANK_TRIAL_LRS["cnn"]

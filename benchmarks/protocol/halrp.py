@@ -107,6 +107,7 @@ def regularization(cl, variant: Variant):
 
 def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
               variant: Variant | None = None) -> dict:
+    from halrp_adapt.handle.placement import runs_frozen_statistics
     from halrp_adapt.method.trial import resolve_trial_lr
 
     variant = variant or Variant()
@@ -114,10 +115,10 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
     device = args.device
     model = seq.backbone(tasks[0].num_classes).to(device)
     options = {"budget": args.budget, **variant.options}
-    if options.get("trial_lr") in ("tenth", "tenfold"):
-        low_rank = options.get("trial", "low-rank") != "full"
-        auto = resolve_trial_lr("auto", model, seq.first_trains_backbone, low_rank=low_rank)
-        options["trial_lr"] = auto / 10 if options["trial_lr"] == "tenth" else auto * 10
+    # "tenth" / "tenfold" scale the rate "auto" picks for each task (it depends on whether the
+    # task keeps its BatchNorm statistics), passed to estimate_ranks.
+    relative_trial_lr = options.pop("trial_lr", None) if options.get("trial_lr") in (
+        "tenth", "tenfold") else None
     if options.get("scale_modules") == "grouped":  # grouped convs get no factors
         options["scale_modules"] = [n for n, m in model.named_modules()
                                     if getattr(m, "groups", 1) > 1]
@@ -132,8 +133,14 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
         trial_epochs, epochs = halrp_epochs(args, trains_base,
                                             variant.estimate.get("epochs", TRIAL_EPOCHS))
         if not trains_base:
+            extra = {}
+            if relative_trial_lr is not None:
+                auto = resolve_trial_lr("auto", model, seq.first_trains_backbone,
+                                        low_rank=options.get("trial", "low-rank") != "full",
+                                        frozen_statistics=runs_frozen_statistics(cl, task.name))
+                extra["lr"] = auto / 10 if relative_trial_lr == "tenth" else auto * 10
             cl.estimate_ranks([on(b, device) for b in task.train],
-                              **{**variant.estimate, "epochs": trial_epochs})
+                              **{**variant.estimate, "epochs": trial_epochs, **extra})
             if variant.start == "zero-B":
                 with torch.no_grad():
                     for name, p in cl.named_parameters():

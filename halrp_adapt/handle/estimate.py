@@ -38,6 +38,7 @@ from .placement import (
     drop_parts,
     part_parameters,
     plain_part_parameters,
+    runs_frozen_statistics,
 )
 
 if TYPE_CHECKING:
@@ -83,22 +84,24 @@ def _adopt_trial_state(handle: HalrpModel, task: str, trial_modules: dict[str, A
         if bias is not None:
             layer.set_bias(task, bias)
     for name, norm in handle.task_norms().items():
-        norm.halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
+        if task in norm.halrp_norm:  # else the task runs the backbone's, frozen in the trial
+            norm.halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
     head = handle.task_head()
     if head is not None:
         assert handle.head_name is not None  # task_head() is None without a head name
         head.halrp_head[task].load_state_dict(trial_modules[handle.head_name].state_dict())
 
 
-def kept_parameter_names(handle: HalrpModel, plain: torch.nn.Module) -> set[str]:
+def kept_parameter_names(handle: HalrpModel, task: str, plain: torch.nn.Module) -> set[str]:
     """The parameters of `plain` (a merged copy) that the task keeps: the adapted layers'
-    weights (through scales and factors) and biases, the task's norms and head.
+    weights (through scales and factors) and biases, task `task`'s own norms and its head.
 
     The trial trains only these. Anything else (embeddings, a head tied to them, layers left
     unadapted) is shared and frozen, so a trial that moved it would fit the adapted layers to
     a model the task never runs, and the start would be off by the change thrown away.
     """
-    owners = [*handle.adapter_layers(), *handle.task_norms()]
+    owned_norms = [n for n, norm in handle.task_norms().items() if task in norm.halrp_norm]
+    owners = [*handle.adapter_layers(), *owned_norms]
     if handle.task_head() is not None and handle.head_name is not None:
         owners.append(handle.head_name)
     return {
@@ -145,6 +148,7 @@ def estimate_task(
             handle.model,
             handle.backbone_trained_here,
             low_rank=not full_trial,
+            frozen_statistics=runs_frozen_statistics(handle, task),
         ),
         lap=lap,
     )
@@ -258,7 +262,7 @@ def _full_trial(
     plain_modules = dict(plain.named_modules())
     low_rank = {n: layer for n, layer in layers.items() if layer.supports_low_rank}
     measured = {n: plain_modules[n].weight for n in low_rank}
-    parts = plain_part_parameters(handle, plain) if cfg.placement == "budget" else {}
+    parts = plain_part_parameters(handle, task, plain) if cfg.placement == "budget" else {}
     measured.update(parts)
     taken, fisher = trial_with_fisher(
         plain,
@@ -270,9 +274,10 @@ def _full_trial(
         epochs=trial.epochs,
         steps=trial.steps,
         lr=trial.lr,
-        trainable=kept_parameter_names(handle, plain),
+        trainable=kept_parameter_names(handle, task, plain),
         lap=trial.lap,
         optional=parts,
+        eval_modules=[n for n, norm in handle.task_norms().items() if task not in norm.halrp_norm],
     )
 
     # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).

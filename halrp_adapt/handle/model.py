@@ -44,7 +44,7 @@ from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
 from .estimate import estimate_task
 from .mixed import forward_tasks
-from .placement import fit_parts_to_budget, smallest_part_cost
+from .placement import decide_statistics, fit_parts_to_budget, smallest_part_cost
 from .plain_copy import plain_from_structure, remembered_structure
 from .task_retrieval import class_offsets, compute_signature, forward_auto, predict_tasks
 
@@ -265,6 +265,8 @@ class HalrpModel(nn.Module):
             sparse_pattern={},
             metrics={},
         )
+        if not trains_base and options.placement == "budget" and options.norm_modules is None:
+            decide_statistics(self, name, options.budget)
         self._tasks[name] = TaskInfo(name, config)
         if not config.init_weights and not trains_base and not low_cpu_mem_usage:
             self._perturb(name, config)
