@@ -134,9 +134,14 @@ def test_quality_quick_in_parallel_jobs(tmp_path):
     for method in row.values():
         assert {"acc_mean", "acc_sd", "params_per_task", "lr", "order_robustness"} <= set(method)
         assert method["seeds"] == 2 and 0 <= method["acc_mean"] <= 100
-    # LoRA is sized to the budget HALRP fills, counted the same way (within one rank's worth)
-    assert abs(row["lora"]["params_per_task"] - row["halrp"]["params_per_task"]) \
-        < 0.2 * row["halrp"]["params_per_task"]
+    # both store at most the budget (0.05 of Lite0's backbone), counted the same way; LoRA is
+    # sized to fill it (within one rank's worth), HALRP may take less (its explained share)
+    import timm
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    room = 0.05 * sum(p.numel() for n, p in lite0.named_parameters()
+                      if not n.startswith("classifier"))
+    assert 0.8 * room < row["lora"]["params_per_task"] <= room
+    assert 0 < row["halrp"]["params_per_task"] <= room
     assert set(out["summary"]["targets"]) == {
         "halrp_acc_at_least_lora_on_every_sequence",
         "halrp_within_2_points_of_full_ft_on_average", "halrp_mopd_lowest_of_isolation_methods"}

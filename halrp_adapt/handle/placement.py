@@ -171,12 +171,14 @@ def dense_parts(
         if task not in norm.halrp_norm:
             continue
         own = norm.halrp_norm[task]
-        gain = 0.0
         base = start.get(f"norm:{name}", norm.base_layer)
         if any(_sharded(t) for t in [*base.parameters(), *base.buffers()]):
-            gain = math.inf
-        for pname, change in _effective_change(base, own).items() if gain == 0.0 else ():
-            gain += fisher.get(f"norm:{name}:{pname}", 1.0) * change
+            gain = math.inf  # a shard of the reference only: kept, as the paper keeps it
+        else:
+            gain = sum(
+                fisher.get(f"norm:{name}:{pname}", 1.0) * change
+                for pname, change in _effective_change(base, own).items()
+            )
         parts.append(DensePart(f"norm:{name}", norm_state_size(norm.halrp_norm[task]), gain))
     return parts
 
