@@ -104,17 +104,26 @@ def norm_state_size(module: nn.Module) -> int:
     return params + buffers
 
 
+def dense_part_costs(
+    layers: dict[str, HalrpLayer], norms: list[TaskNorm], scaled: Collection[str]
+) -> list[int]:
+    """The stored size of each dense part a new task starts with: a norm copy (with its
+    running statistics), a layer's bias, a `scaled` layer's scales r and s."""
+    costs = [norm_state_size(n.base_layer) for n in norms]
+    for name, layer in layers.items():
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is not None:
+            costs.append(bias.numel())
+        if name in scaled:
+            costs.append(layer.out_features + layer.in_features)
+    return costs
+
+
 def fixed_task_cost(
     layers: dict[str, HalrpLayer], norms: list[TaskNorm], scaled: Collection[str]
 ) -> int:
-    """What every task stores before any factor: scales (of the `scaled` layers), biases and
-    norms."""
-    cost = sum(norm_state_size(n.base_layer) for n in norms)
-    for name, layer in layers.items():
-        bias = getattr(layer.base_layer, "bias", None)
-        cost += bias.numel() if bias is not None else 0
-        cost += layer.out_features + layer.in_features if name in scaled else 0
-    return cost
+    """What every task stores before any factor with `placement="paper"`: every dense part."""
+    return sum(dense_part_costs(layers, norms, scaled))
 
 
 def task_stats(

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..method.allocation import DensePart, budget_placement
-from .accounting import norm_state_size
+from .accounting import dense_part_costs, norm_state_size
 
 if TYPE_CHECKING:
     from .model import HalrpModel
@@ -255,16 +255,12 @@ def fit_parts_to_budget(handle: HalrpModel, task: str, budget: float) -> set[str
 
 
 def smallest_part_cost(handle: HalrpModel, scaled: set[str]) -> int:
-    """The cheapest dense part a task can keep (a bias, a layer's scales, a norm copy) or one
-    rank of the cheapest low-rank layer: what the smallest workable budget must hold."""
-    costs = []
-    for name, layer in handle.adapter_layers().items():
-        if name in scaled:
-            costs.append(layer.out_features + layer.in_features)
-        bias = getattr(layer.base_layer, "bias", None)
-        if bias is not None:
-            costs.append(bias.numel())
-        if layer.supports_low_rank:
-            costs.append(layer.out_features + layer.in_features)
-    costs += [norm_state_size(n.base_layer) for n in handle.task_norms().values()]
+    """The cheapest dense part a task can keep alone (a bias, a layer's scales, a norm copy
+    without running statistics: BatchNorm copies come all together) or one rank of the
+    cheapest low-rank layer: what the smallest workable budget must hold."""
+    statistics = set(statistics_norms(handle))
+    alone = [n for name, n in handle.task_norms().items() if name not in statistics]
+    layers = handle.adapter_layers()
+    costs = dense_part_costs(layers, alone, scaled)
+    costs += [ly.out_features + ly.in_features for ly in layers.values() if ly.supports_low_rank]
     return min(costs) if costs else 0
