@@ -134,11 +134,20 @@ def pmnist(data: dict) -> list[str]:
 def methods(data: dict, title: str) -> list[str]:
     summary = data["summary"]
     orders = len(next(iter(summary.values()))["acc"])
-    calibrated = data["settings"].get("calibrate", False)
-    norms = ("BatchNorm running statistics recomputed with the final weights when each task "
-             "ends, for every method (HALRP: `end_task(calibration_data=...)`, the others: "
-             "`update_bn`)" if calibrated else
-             "BatchNorm running statistics as gathered during training (`--no-calibration`)")
+    settings = data["settings"]
+    if "calibrate" not in settings:  # the shared protocol (benchmarks/protocol), equal compute
+        norms = (f"Every method makes {settings['epochs']} passes over each task's data "
+                 "(HALRP's trial pass counts). BatchNorm running statistics are recomputed with "
+                 "the final weights when each task ends for every method that keeps its own "
+                 "(HALRP: `end_task(calibration_data=...)`, the others: `update_bn`); a method "
+                 "whose budget cannot hold its own runs the backbone's frozen (HALRP here: its "
+                 "copies would take half of the 0.05 budget)")
+    elif settings["calibrate"]:
+        norms = ("BatchNorm running statistics recomputed with the final weights when each task "
+                 "ends, for every method (HALRP: `end_task(calibration_data=...)`, the others: "
+                 "`update_bn`)")
+    else:
+        norms = "BatchNorm running statistics as gathered during training (`--no-calibration`)"
     lines = [title, "", f"Command: {_provenance(data)}. {norms}.", "",
              "| method | ACC (first order) | BWT | parameters per task | wall s |"
              + (" MOPD | AOPD |" if orders > 1 else ""),
@@ -807,16 +816,20 @@ def frontier(data: dict) -> list[str]:
                 for m in methods if m not in ("halrp", "full_ft")) + " |")
         lines.append("")
     if variants:
-        lines += ["HALRP variants (mean ACC over the sequences both ran, change against the "
-                  "default):", "", "| budget | " + " | ".join(variants) + " |",
-                  "|---|" + "---|" * len(variants)]
+        lines += ["HALRP variants: change in ACC against the default, paired by sequence and "
+                  "seed (the variants ran the seeds below; n = sequence-seed pairs; '-': the "
+                  "variant refused the budget):", "",
+                  "| budget | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
         for b in budgets:
-            per = summary["table"].get(b, {})
             cells = []
             for v in variants:
-                both = [n for n in per.get(v, {}) if n in per.get("halrp", {})]
-                cells.append(f"{sum(per[v][n]['acc'] - per['halrp'][n]['acc'] for n in both) / len(both):+.2f}"
-                             if both else "-")
+                pairs = [(row["acc"], base[seed]["acc"])
+                         for seq in data["sequences"].values()
+                         for seed, row in seq["runs"].get(v, {}).get(b, {}).items()
+                         if row is not None
+                         and (base := seq["runs"].get("halrp", {}).get(b, {})).get(seed)]
+                cells.append(f"{sum(a - d for a, d in pairs) / len(pairs):+.2f} (n={len(pairs)})"
+                             if pairs else "-")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
     noise = summary["noise"]
