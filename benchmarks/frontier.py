@@ -23,7 +23,8 @@ ablation table, paired by sequence, budget and seed).
     python benchmarks/frontier.py --merge DIR/*.json             # table + plot from parts
     python benchmarks/frontier.py --quick                        # CI: tiny, every code path
 
-Writes benchmarks/results/frontier.json and frontier.png (`--out`).
+Writes benchmarks/results/frontier.json and frontier.png (`--out`) when it merges or runs the
+whole grid; a run over some sequences or methods only writes its parts.
 """
 
 from __future__ import annotations
@@ -324,6 +325,13 @@ def run_parallel(args, given: list[str]) -> list[Path]:
     return finished
 
 
+def writes_table(args) -> bool:
+    """Whether a run writes the table (frontier.json): a merge, `--out`, `--quick` or the whole
+    grid; a run over some sequences or methods only writes its parts."""
+    whole = set(args.sequences) >= set(FRONTIER_SEQUENCES) and set(args.methods) >= set(METHODS)
+    return bool(args.merge or args.out or args.quick or whole)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI: tiny, every code path")
@@ -353,8 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         given = [*given[:at], "--merge", *(f"{d}/*.json" for d in folders),
                  *given[at + 1 + len(rest):]]
     args.sequences = args.sequences.split(",")
-    args.methods = args.methods.split(",") + [f"halrp[{v}]" for v in args.variants.split(",")
-                                              if v]
+    args.methods = [m for m in args.methods.split(",") if m] + [
+        f"halrp[{v}]" for v in args.variants.split(",") if v]
     for name in args.sequences:
         if name not in SEQUENCES:
             parser.error(f"--sequences: unknown {name!r}; allowed: {', '.join(SEQUENCES)}")
@@ -416,6 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
            "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v)
                         for k, v in vars(args).items() if k not in ("merge", "job")},
            "parts": str(args.parts), "sequences": sequences, "summary": summary}
+    if not writes_table(args):
+        # A run over part of the grid leaves the published table alone; its parts merge in.
+        print(f"parts in {args.parts}; the table: python benchmarks/frontier.py --merge "
+              f"{args.parts}/*.json (with the other parts' folders)")
+        return out
     path = args.out or RESULTS / ("frontier_quick.json" if args.quick else "frontier.json")
     _write(path, out)
     plot(path.with_suffix(".png"), sequences, args.budgets)

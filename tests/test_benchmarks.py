@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import load_script
@@ -220,3 +221,19 @@ def test_frontier_quick(tmp_path):
                             "--out", str(tmp_path / "m.json")])
     assert merged["summary"]["mean_acc"] == out["summary"]["mean_acc"]
     assert (tmp_path / "f.png").is_file()
+
+
+def test_frontier_writes_the_table_only_from_a_merge_or_the_whole_grid():
+    frontier = load_script(BENCHMARKS / "frontier.py")
+
+    def run(**kw):
+        base = {"merge": None, "out": None, "quick": False,
+                "sequences": list(frontier.FRONTIER_SEQUENCES), "methods": list(frontier.METHODS)}
+        return frontier.writes_table(SimpleNamespace(**{**base, **kw}))
+
+    assert run()
+    assert not run(methods=["lora", "ia3"])
+    assert not run(sequences=["minilm-topics"])
+    assert not run(methods=["halrp", "halrp[trial half a pass]"])
+    assert run(methods=["lora"], merge=["parts/a.json"])
+    assert run(methods=["lora"], out="f.json")

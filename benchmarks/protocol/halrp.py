@@ -29,6 +29,9 @@ class Variant:
     # The L2 term on the scales, `wd * weight * sum((r - target)^2 + (s - target)^2) / 2`:
     # (0, 1) is the paper's (toward 0), target 1 pulls toward the identity.
     scale_decay: tuple[float, float] = (0.0, 1.0)
+    # The trial's share of the passes, in passes (may be a fraction: the trial stops after that
+    # share of the batches and training picks up at the next batch); None: TRIAL_EPOCHS.
+    trial_passes: float | None = None
 
 
 ABLATIONS: dict[str, Variant] = {
@@ -58,13 +61,16 @@ ABLATIONS: dict[str, Variant] = {
     "scale decay toward 1, x10": Variant(scale_decay=(1.0, 10.0)),
     "no scale decay": Variant(scale_decay=(0.0, 0.0)),
     "trial rank 8": Variant(options={"trial_rank": 8}),
+    # Issue 24, lite1-permuted-fmnist: more of the equal compute for training after the trial.
+    "trial half a pass": Variant(trial_passes=0.5),
+    "factors lr x3": Variant(lr_scale={"factors": 3.0}),
 }
 
 
 # --quick runs these, which between them use every field of `Variant`.
 QUICK_ABLATIONS = ("default", "trial lr / 10", "trial 2 epochs", "norms and head lr x3",
                    "factors start at B = 0", "scales only on layers without factors",
-                   "scale decay toward 1")
+                   "scale decay toward 1", "trial half a pass")
 
 
 def _kind(name: str) -> str:
@@ -139,6 +145,9 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
                                         low_rank=options.get("trial", "low-rank") != "full",
                                         frozen_statistics=runs_frozen_statistics(cl, task.name))
                 extra["lr"] = auto / 10 if relative_trial_lr == "tenth" else auto * 10
+            if variant.trial_passes is not None:
+                trial_steps = max(1, round(variant.trial_passes * len(task.train)))
+                extra["steps"] = trial_steps
             cl.estimate_ranks([on(b, device) for b in task.train],
                               **{**variant.estimate, "epochs": trial_epochs, **extra})
             if variant.start == "zero-B":
@@ -149,7 +158,13 @@ def run_halrp(seq: Sequence, tasks: list[Task], lr: float, seed: int, args,
             estimate = cl._tasks[task.name].estimate
             ranks.append(dict(estimate.explained_ranks))
             estimate_s.append(sum(v for k, v in estimate.seconds.items() if k != "trial"))
-        fit(cl, groups(cl, lr, variant), task.train, epochs, device,
+        train = task.train
+        if variant.trial_passes is not None and not trains_base:
+            # The passes the trial did not take, starting at the batch after its last.
+            total = args.epochs * len(task.train)
+            cycled = task.train * (args.epochs + 1)
+            train, epochs = cycled[trial_steps:total], 1
+        fit(cl, groups(cl, lr, variant), train, epochs, device,
             extra_loss=regularization(cl, variant))
         stats = cl.end_task(calibration_data=[on(b, device) for b in task.train])
         seconds.append(time.perf_counter() - start)

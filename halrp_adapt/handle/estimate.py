@@ -36,6 +36,7 @@ from .placement import (
     dense_parts,
     dense_start,
     drop_parts,
+    own_norm_names,
     part_parameters,
     plain_part_parameters,
     runs_frozen_statistics,
@@ -83,9 +84,9 @@ def _adopt_trial_state(handle: HalrpModel, task: str, trial_modules: dict[str, A
         bias = getattr(trial_modules[name], "bias", None)
         if bias is not None:
             layer.set_bias(task, bias)
-    for name, norm in handle.task_norms().items():
-        if task in norm.halrp_norm:  # else the task runs the backbone's, frozen in the trial
-            norm.halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
+    norms = handle.task_norms()
+    for name in own_norm_names(handle, task):  # it runs the others as the backbone's, frozen
+        norms[name].halrp_norm[task].load_state_dict(trial_modules[name].state_dict())
     head = handle.task_head()
     if head is not None:
         assert handle.head_name is not None  # task_head() is None without a head name
@@ -100,8 +101,7 @@ def kept_parameter_names(handle: HalrpModel, task: str, plain: torch.nn.Module) 
     unadapted) is shared and frozen, so a trial that moved it would fit the adapted layers to
     a model the task never runs, and the start would be off by the change thrown away.
     """
-    owned_norms = [n for n, norm in handle.task_norms().items() if task in norm.halrp_norm]
-    owners = [*handle.adapter_layers(), *owned_norms]
+    owners = [*handle.adapter_layers(), *own_norm_names(handle, task)]
     if handle.task_head() is not None and handle.head_name is not None:
         owners.append(handle.head_name)
     return {
@@ -277,7 +277,7 @@ def _full_trial(
         trainable=kept_parameter_names(handle, task, plain),
         lap=trial.lap,
         optional=parts,
-        eval_modules=[n for n, norm in handle.task_norms().items() if task not in norm.halrp_norm],
+        eval_modules=set(handle.task_norms()) - set(own_norm_names(handle, task)),
     )
 
     # 3-4. Scales by least squares, residual, SVD (truncated to the rank cap where that pays).

@@ -58,26 +58,30 @@ def statistics_norms(handle: HalrpModel) -> list[str]:
     ]
 
 
-def decide_statistics(handle: HalrpModel, task: str, budget: float) -> bool:
+def own_norm_names(handle: HalrpModel, task: str) -> list[str]:
+    """The routed norms of which task `task` has its own copy; it runs the others as the
+    backbone's, frozen in eval mode."""
+    return [name for name, norm in handle.task_norms().items() if task in norm.halrp_norm]
+
+
+def decide_statistics(handle: HalrpModel, task: str, budget: float) -> None:
     """Keep new task `task`'s BatchNorm copies, all of them, when they cost at most
     `STATISTICS_SHARE` of its budget; else drop them all before it trains (it runs the
-    backbone's, frozen). Returns whether the task keeps them (True when it has none)."""
+    backbone's, frozen)."""
     norms = handle.task_norms()
-    names = [n for n in statistics_norms(handle) if task in norms[n].halrp_norm]
+    own = set(own_norm_names(handle, task))
+    names = [n for n in statistics_norms(handle) if n in own]
     cost = sum(norm_state_size(norms[n].halrp_norm[task]) for n in names)
-    if cost <= STATISTICS_SHARE * budget * handle.backbone_params:
-        return True
-    for name in names:
-        norms[name].drop_task_copy(task)
-    return False
+    if cost > STATISTICS_SHARE * budget * handle.backbone_params:
+        for name in names:
+            norms[name].drop_task_copy(task)
 
 
 def runs_frozen_statistics(handle: HalrpModel, task: str) -> bool:
     """Whether task `task` runs the backbone's BatchNorm statistics, frozen (it has none of its
     own)."""
-    norms = handle.task_norms()
     names = statistics_norms(handle)
-    return bool(names) and not any(task in norms[n].halrp_norm for n in names)
+    return bool(names) and not set(names) & set(own_norm_names(handle, task))
 
 
 def part_parameters(handle: HalrpModel, task: str) -> dict[str, Tensor]:
@@ -90,10 +94,10 @@ def part_parameters(handle: HalrpModel, task: str) -> dict[str, Tensor]:
             found[f"s:{name}"] = layer.halrp_s[task]
         if task in layer.halrp_bias:
             found[f"bias:{name}"] = layer.halrp_bias[task]
-    for name, norm in handle.task_norms().items():
-        if task in norm.halrp_norm:
-            for pname, p in norm.halrp_norm[task].named_parameters():
-                found[f"norm:{name}:{pname}"] = p
+    norms = handle.task_norms()
+    for name in own_norm_names(handle, task):
+        for pname, p in norms[name].halrp_norm[task].named_parameters():
+            found[f"norm:{name}:{pname}"] = p
     return {k: v for k, v in found.items() if v.requires_grad}
 
 
@@ -108,9 +112,7 @@ def plain_part_parameters(handle: HalrpModel, task: str, plain: nn.Module) -> di
         bias = getattr(modules[name], "bias", None)
         if isinstance(bias, Tensor):
             found[f"bias:{name}"] = bias
-    for name, norm in handle.task_norms().items():
-        if task not in norm.halrp_norm:
-            continue
+    for name in own_norm_names(handle, task):
         for pname, p in modules[name].named_parameters():
             found[f"norm:{name}:{pname}"] = p
     return found
@@ -125,9 +127,9 @@ def dense_start(handle: HalrpModel, task: str) -> dict[str, Any]:
     for name, layer in handle.adapter_layers().items():
         if task in layer.halrp_bias:
             start[f"bias:{name}"] = layer.halrp_bias[task].detach().clone()
-    for name, norm in handle.task_norms().items():
-        if task in norm.halrp_norm:
-            start[f"norm:{name}"] = copy.deepcopy(norm.halrp_norm[task])
+    norms = handle.task_norms()
+    for name in own_norm_names(handle, task):
+        start[f"norm:{name}"] = copy.deepcopy(norms[name].halrp_norm[task])
     return start
 
 
@@ -167,9 +169,9 @@ def dense_parts(
             )
             cost = layer.halrp_bias[task].numel()
             parts.append(DensePart(f"bias:{name}", cost, fisher.get(f"bias:{name}", 1.0) * change))
-    for name, norm in handle.task_norms().items():
-        if task not in norm.halrp_norm:
-            continue
+    norms = handle.task_norms()
+    for name in own_norm_names(handle, task):
+        norm = norms[name]
         own = norm.halrp_norm[task]
         base = start.get(f"norm:{name}", norm.base_layer)
         if any(_sharded(t) for t in [*base.parameters(), *base.buffers()]):
@@ -179,7 +181,7 @@ def dense_parts(
                 fisher.get(f"norm:{name}:{pname}", 1.0) * change
                 for pname, change in _effective_change(base, own).items()
             )
-        parts.append(DensePart(f"norm:{name}", norm_state_size(norm.halrp_norm[task]), gain))
+        parts.append(DensePart(f"norm:{name}", norm_state_size(own), gain))
     return parts
 
 
