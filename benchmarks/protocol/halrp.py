@@ -64,6 +64,10 @@ ABLATIONS: dict[str, Variant] = {
     # Issue 24, lite1-permuted-fmnist: more of the equal compute for training after the trial.
     "trial half a pass": Variant(trial_passes=0.5),
     "factors lr x3": Variant(lr_scale={"factors": 3.0}),
+    # IA3 (scales only) picks lr 1e-2 on 3 of the 4 sequences, where HALRP's factors diverge:
+    # a larger rate for the parts IA3 has, the factors left at the swept lr.
+    "scales lr x10": Variant(lr_scale={"scales": 10.0}),
+    "scales and biases lr x10": Variant(lr_scale={"scales": 10.0, "bias": 10.0}),
 }
 
 
