@@ -347,10 +347,12 @@ def _quality_missed(name: str, d: dict) -> str:
             f"{s} ({table[s]['halrp']['acc_mean']:.2f} vs {table[s]['lora']['acc_mean']:.2f}, sd "
             f"{table[s]['halrp']['acc_sd']:.1f} / {table[s]['lora']['acc_sd']:.1f} over "
             f"{table[s]['halrp']['seeds']} seed(s); a full fine-tune reaches "
-            f"{table[s]['full_ft']['acc_mean']:.2f})" for s in behind) + (
-            ": the sequences whose inputs are farthest from what the backbone learned "
-            "(permuted pixels; a ViT that saw one 2-class task), where every low-budget "
-            "method trails a full fine-tune by far")
+            f"{table[s]['full_ft']['acc_mean']:.2f}; stored parameters per task HALRP "
+            f"{table[s]['halrp']['params_per_task']:,.0f}, LoRA "
+            f"{table[s]['lora']['params_per_task']:,.0f})" for s in behind) + (
+            ". Where the inputs are far from the backbone's pretraining (permuted pixels) "
+            "LoRA learns at lr 1e-2, where HALRP's factors diverge; where HALRP's explained "
+            "share is reached under the budget, LoRA, sized to the whole budget, stores more")
     if name == "halrp_within_2_points_of_full_ft_on_average":
         gaps = {s: r["full_ft"]["acc_mean"] - r["halrp"]["acc_mean"] for s, r in table.items()}
         near = [s for s, g in gaps.items() if g <= 2]
@@ -385,13 +387,19 @@ def _noise(data: dict) -> list[float]:
 def quality(data: dict) -> list[str]:
     summary, table = data["summary"], data["summary"]["table"]
     methods = list(next(iter(table.values())))
+    settings = data.get("settings", {})
+    epochs, batches = settings.get("epochs", 2), settings.get("max_train_batches")
+    size = f", at most {batches} training batches per task" if batches else ""
     lines = ["## 8. Quality across backbones, sequences, seeds and orders", "",
-             "`benchmarks/quality.py`: every method gets the same data, epochs (2), batches "
-             "(64) and learning-rate sweep (1e-4, 1e-3, 1e-2, chosen on a 15% validation split "
-             "of each task's training data at seed 0, never on the test set); ACC is the mean "
-             "over seeds 0-2 at the chosen rate. LoRA's rank is set so that it stores what "
-             "HALRP stores per task, norm running statistics counted for both. Where each "
-             "sequence ran:", ""]
+             f"`benchmarks/quality.py`: every method gets the same data{size}, passes over it "
+             f"({epochs}; equal compute: HALRP's trial fine-tune is one of them, so it trains "
+             f"{epochs - 1} after it), batches ({settings.get('batch_size', 64)}) and "
+             "learning-rate sweep (1e-4, 1e-3, 1e-2, chosen on a 15% validation split of each "
+             "task's training data at seed 0, never on the test set); ACC is the mean over "
+             "seeds 0-2 at the chosen rate. LoRA's and AdaLoRA's ranks are sized to the same "
+             f"budget ({settings.get('budget', 0.05):g} of the backbone), counted as HALRP "
+             "counts its own (norm running statistics included, heads apart); HALRP stores "
+             "less where its explained share is reached first. Where each sequence ran:", ""]
     for s, runs in data["sequences"].items():
         for where in runs.get("ran_on", []):
             lines.append(f"- {s}: `{where['command']}` on {where['machine']}")
@@ -425,6 +433,13 @@ def quality(data: dict) -> list[str]:
     for s, row in table.items():
         lines.append(f"| {s} | " + " | ".join(f"{row[m]['params_per_task']:,.0f}"
                                                for m in methods) + " |")
+    if all(row[m].get("task_s") is not None for row in table.values() for m in methods):
+        lines += ["", "Wall seconds per task (mean over tasks and seeds; HALRP's include its "
+                  "trial and rank estimation):", "",
+                  "| sequence | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for s, row in table.items():
+            lines.append(f"| {s} | " + " | ".join(f"{row[m]['task_s']:.1f}"
+                                                   for m in methods) + " |")
     ordered = [s for s in table if "order_robustness" in table[s]["halrp"]]
     if ordered:
         lines += ["", "Order robustness (seed 0, the task order as split plus 4 random orders):",
@@ -625,7 +640,12 @@ CI_LABELS = {"halrp+retrieval (backbone)": "HALRP, task found (backbone features
              "prototype": "prototype classifier, frozen backbone",
              "seq_ft": "sequential fine-tuning, growing head",
              "halrp+retrieval, head x prototypes": "HALRP, task found, head x prototypes "
-                                                   "(measured, not a default)"}
+                                                   "(measured, not a default)",
+             "lifted-feature ridge, frozen backbone": "lifted-feature ridge (RanPAC-style), "
+                                                      "frozen backbone",
+             **{f"halrp, top-{k} candidates x head {e}": f"HALRP, top {k} tasks checked by each "
+                f"one's head ({e}; measured, not a default)"
+                for k in (2, 3) for e in ("confidence", "energy")}}
 
 
 def _ci_missed(table: dict, detail: dict) -> str:
@@ -683,13 +703,30 @@ def class_incremental(data: dict) -> list[str]:
             for r in table.values()) + " |")
     lines.append("| (the task's own adapters, float32) | " + " | ".join(
         f"{r['stored_bytes_per_task'] / 1024:,.0f} KiB" for r in table.values()) + " |")
+    if all("lifted_bytes_per_task" in r for r in table.values()):
+        lines.append("| (the lifted-feature ridge's statistics, float32) | " + " | ".join(
+            f"{r['lifted_bytes_per_task'] / 1024:,.0f} KiB" for r in table.values()) + " |")
+    if all("top_k_coverage_last" in r for r in table.values()):
+        ks = list(next(iter(table.values()))["top_k_coverage_last"])
+        lines += ["", "How often the right task is among the top k of the frozen features' "
+                  "task posterior (each task's class posteriors summed), average over the steps "
+                  "/ after the last task (%):", "",
+                  "| k | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
+        for k in ks:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{r['top_k_coverage_average'][k]:.1f} / {r['top_k_coverage_last'][k]:.1f}"
+                for r in table.values()) + " |")
     lines += ["", "Cost per batch, seed 0 after the last task, medians of calls interleaved in "
               "one process (ratio to one task's forward of the same batch):", "",
               "| call | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
     calls = {"retrieval_backbone": "find the task: backbone features",
              "retrieval_task": "find the task: each task's features",
-             "auto_forward_backbone": "`task_ids=\"auto\"`: find + route + forward"}
+             "auto_forward_backbone": "`task_ids=\"auto\"`: find + route + forward",
+             "candidates_top_2": "top 2 tasks, each one's forward",
+             "candidates_top_3": "top 3 tasks, each one's forward"}
     for key, label in calls.items():
+        if any(r["cost_ratio"] and key not in r["cost_ratio"] for r in table.values()):
+            continue
         lines.append(f"| {label} | " + " | ".join(
             f"{r['cost_ratio'][key]:.2f}x" if r["cost_ratio"] else "-" for r in table.values())
             + " |")
@@ -839,9 +876,45 @@ def frontier(data: dict) -> list[str]:
                   "not findings.", ""]
     lines += ["![frontier](results/frontier.png)", ""]
     said = {True: "met", False: "missed", None: "not measured yet"}
-    lines += [f"- {k.replace('_', ' ')}: **{said[v]}**" for k, v in summary["targets"].items()]
+    for key, ok in summary["targets"].items():
+        line = f"- {key.replace('_', ' ')}: **{said[ok]}**"
+        if ok is False and key in FRONTIER_MISSED_BECAUSE:
+            line += ": " + FRONTIER_MISSED_BECAUSE[key](summary)
+        lines.append(line)
     lines.append("")
     return lines
+
+
+def _frontier_gap(summary: dict, budget: str, peer: str) -> str:
+    """Where HALRP trails `peer` most at `budget`: the sequence, both ACCs, and HALRP's stored
+    parameters against what the budget allows (a full copy's parameters x budget)."""
+    rows = summary["table"][budget]
+    common = [s for s in rows["halrp"] if s in rows.get(peer, {})]
+    worst = min(common, key=lambda s: rows["halrp"][s]["acc"] - rows[peer][s]["acc"])
+    ours, theirs = rows["halrp"][worst], rows[peer][worst]
+    full = rows.get("full_ft", {}).get(worst)
+    allowed = f" of the {float(budget) * full['stored_params']:,.0f} allowed" if full else ""
+    where = "most on" if ours["acc"] < theirs["acc"] else "its smallest lead on"
+    return (f"{peer} {summary['halrp_lead'][budget][peer]:+.2f} at {budget}, {where} {worst} "
+            f"(HALRP {ours['acc']:.2f} storing {ours['stored_params']:,.0f}{allowed}; {peer} "
+            f"{theirs['acc']:.2f} storing {theirs['stored_params']:,.0f})")
+
+
+def _frontier_behind(summary: dict, below: float = 0.0, budgets: list[str] | None = None) -> str:
+    cells = [(b, m) for b, per in summary["halrp_lead"].items() for m, lead in per.items()
+             if lead < below and (budgets is None or b in budgets)]
+    return "; ".join(_frontier_gap(summary, b, m) for b, m in cells)
+
+
+# Why a frontier target is missed: the cells that miss it and where each gap comes from. The
+# mechanism behind them (measured, in the issue notes and CHANGELOG): on lite1-permuted-fmnist
+# the peers that lead learn at lr 1e-2, where HALRP's factors diverge; on all-MiniLM-L6-v2
+# HALRP's explained share is reached well under the budget, which PiSSA and EVA fill.
+FRONTIER_MISSED_BECAUSE = {
+    "halrp_at_least_every_peer_at_every_budget": lambda s: "behind " + _frontier_behind(s),
+    "halrp_best_peer_plus_1_at_0.01_and_below": lambda s: "under the best peer + 1 point: "
+    + _frontier_behind(s, 1.0, [b for b in s["halrp_lead"] if float(b) <= 0.01]),
+}
 
 
 def main() -> str:
