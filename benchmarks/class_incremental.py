@@ -17,6 +17,16 @@ scored over all classes seen so far, without task names, by:
 - seq_ft                      one model fine-tuned task after task, its head growing by each
                               task's classes, cross-entropy over every class seen so far; its
                               learning rate swept over `--lrs` on validation at seed 0
+- lifted-feature ridge        no adaptation, RanPAC-style: the frozen features through a fixed
+                              seeded random projection to 2048 and ReLU, ridge regression over
+                              per-task additive statistics (class sums, Gram matrix), its weight
+                              chosen on the seen tasks' validation data
+- top-k candidates            HALRP, each input's k best tasks by the frozen features' task
+                              posterior run through their own adapters, the candidate with the
+                              best log posterior + its head's evidence kept (confidence: the
+                              library's `retrieval_candidates`; energy: logsumexp of the logits)
+
+The top-k coverage table gives how often the right task is among those k.
 
 CI accuracy: correct predictions over all seen test samples after each task; "average" is its
 mean over the steps, "last" its value after the last task. Retrieval: the share of samples
@@ -50,7 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as Q  # noqa: E402  (the sequences and training loop study 8 uses)
 
 import halrp_adapt  # noqa: E402
-from halrp_adapt.handle.task_retrieval import compute_signature, head_features  # noqa: E402
+from halrp_adapt.handle.task_retrieval import (  # noqa: E402
+    candidate_logits,
+    compute_signature,
+    head_features,
+)
 from halrp_adapt.method.task_signature import PrototypeScorer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,6 +75,19 @@ METHODS = ("halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "pr
 # plus the prototypes' (a product of the two classifiers' probabilities, nothing tuned).
 FUSED = "halrp+retrieval, head x prototypes"
 COST_RATIO_TARGET = 1.3
+# Issue 25. A RanPAC-style classifier on the frozen backbone: a fixed seeded random projection
+# to LIFT_WIDTH, ReLU, ridge over per-task additive statistics (class sums, Gram matrix), the
+# ridge weight chosen on the seen tasks' validation data.
+LIFTED = "lifted-feature ridge, frozen backbone"
+LIFT_WIDTH = 2048
+RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 3))  # x trace(G) / width
+# Candidates, then a check in the tasks' own features: the top k tasks by the frozen features'
+# posterior (summed over each task's classes), each input run through each candidate, the
+# answer the candidate with the highest log task posterior + the candidate head's evidence.
+TOP_K = 3
+EVIDENCE = {"head confidence": lambda logits: torch.log_softmax(logits.float(), 1).max(1).values,
+            "head energy": lambda logits: torch.logsumexp(logits.float(), 1)}
+CANDIDATES = [f"halrp, top-{k} candidates x {e}" for k in range(2, TOP_K + 1) for e in EVIDENCE]
 
 
 def _inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor]:
@@ -81,6 +108,76 @@ def _ci(correct: list[int], totals: list[int]) -> float:
     return 100.0 * sum(correct) / max(sum(totals), 1)
 
 
+# ---- a lifted-feature classifier on the frozen backbone (RanPAC-style) -------------------------
+class LiftedRidge:
+    """Frozen features lifted by a fixed random projection and ReLU, classified by ridge
+    regression onto one-hot labels. What it keeps adds up task by task (per-class sums of the
+    lifted features and their Gram matrix), so any set of tasks can be scored; a task's share
+    is `stored_bytes_per_task` (float32)."""
+
+    def __init__(self, dim: int, seed: int, width: int = LIFT_WIDTH) -> None:
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        self.projection = torch.randn(dim, width, generator=generator, dtype=torch.float64)
+        self.gram = torch.zeros(width, width, dtype=torch.float64)
+        self.sums = torch.zeros(0, width, dtype=torch.float64)  # (global classes, width)
+        self.weights: torch.Tensor | None = None
+        self.task_bytes: list[int] = []
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.relu(features.detach().cpu().double() @ self.projection)
+
+    def add_task(self, features: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
+        """One task's training features and global labels (its classes follow the others')."""
+        h = self.lift(features)
+        sums = torch.zeros(classes, h.shape[1], dtype=torch.float64)
+        sums.index_add_(0, labels.cpu() - self.sums.shape[0], h)
+        self.gram += h.T @ h
+        self.sums = torch.cat([self.sums, sums])
+        self.task_bytes.append(4 * (self.gram.numel() + sums.numel()))
+
+    def fit(self, val_features: torch.Tensor, val_labels: torch.Tensor) -> float:
+        """The ridge weight with the best accuracy on `val` (of the seen tasks); returns it."""
+        values, vectors = torch.linalg.eigh(self.gram)
+        projected = vectors.T @ self.sums.T  # (width, classes)
+        h = self.lift(val_features)
+        scale = float(values.sum()) / len(values)
+        best = (-1.0, RIDGE_GRID[0])
+        for rel in RIDGE_GRID:
+            weights = vectors @ (projected / (values + rel * scale).unsqueeze(1))
+            acc = float(((h @ weights).argmax(1) == val_labels.cpu()).double().mean())
+            if acc > best[0]:
+                best = (acc, rel)
+        self.weights = vectors @ (projected / (values + best[1] * scale).unsqueeze(1))
+        return best[1]
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.weights is not None, "fit first"
+        return (self.lift(features) @ self.weights).argmax(1).to(features.device)
+
+
+@torch.no_grad()
+def _frozen_features(cl: halrp_adapt.HalrpModel, data: list, offset: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = [], []
+    for batch in data:
+        args, kwargs, y = _inputs(batch, device)
+        features.append(head_features(cl, None, *args, **kwargs))
+        labels.append(y + offset)
+    return torch.cat(features), torch.cat(labels)
+
+
+def candidate_predict(cl: halrp_adapt.HalrpModel, k: int, evidence: str, args: tuple,
+                      kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's (task index, local class): of its top `k` tasks by the frozen posterior
+    (`candidate_logits`, the library's path), the one with the highest log task posterior plus
+    `EVIDENCE[evidence]` of its head's logits."""
+    ids, log_posterior, logits = candidate_logits(cl, k, *args, **kwargs)
+    combined = log_posterior.float() + torch.stack(
+        [EVIDENCE[evidence](logits[:, j]) for j in range(logits.shape[1])], 1)
+    pick = combined.argmax(1, keepdim=True)
+    return ids.gather(1, pick).squeeze(1), logits.argmax(2).gather(1, pick).squeeze(1)
+
+
 # ---- HALRP, told the task or not --------------------------------------------------------------
 # Signature designs scored for retrieval: the default (backbone features, scatter kept as 64
 # eigenpairs plus its diagonal), the whole scatter, 16 eigenpairs, and each task's own features.
@@ -90,7 +187,8 @@ DESIGNS = {"backbone": ("backbone", 64), "backbone, whole scatter": ("backbone",
 
 @torch.no_grad()
 def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[str, dict],
-                split: str, device: torch.device) -> dict[str, Any]:
+                split: str, device: torch.device,
+                lifted: LiftedRidge | None = None) -> dict[str, Any]:
     """Every way of predicting a global class, on the `split` data of the seen tasks.
 
     The default design runs the real path (`predict_tasks`, then the mixed-batch forward).
@@ -103,8 +201,9 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
                                   device=device) for d, (kind, _) in DESIGNS.items()}
     starts = torch.tensor([offsets[n][0] for n in names], device=device)
     columns = ["halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
-               FUSED]
+               FUSED, *CANDIDATES] + ([LIFTED] if lifted is not None else [])
     hits: dict[str, list[int]] = {m: [] for m in columns}
+    covered = dict.fromkeys(range(1, TOP_K + 1), 0)
     found = dict.fromkeys(DESIGNS, 0)
     extra_hits = dict.fromkeys(DESIGNS, 0)
     totals = []
@@ -120,6 +219,16 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
             features = head_features(cl, None, *args, **kwargs)
             right["prototype"] += int((class_global[default.class_scores(features)
                                                     .argmax(1)] == truth).sum())
+            if lifted is not None:
+                right[LIFTED] += int((lifted.predict(features) == truth).sum())
+            ranked = default.task_log_posterior(features).argsort(1, descending=True)
+            for k in covered:
+                covered[k] += int((ranked[:, :k] == index).any(1).sum())
+            for k in range(2, TOP_K + 1):
+                for evidence in EVIDENCE:
+                    ids, local = candidate_predict(cl, k, evidence, args, kwargs)
+                    right[f"halrp, top-{k} candidates x {evidence}"] += int(
+                        ((ids == index) & (local == labels)).sum())
             oracle_logits = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
                                                          **kwargs))
             oracle = oracle_logits.argmax(1) == labels
@@ -151,6 +260,8 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
                          for m, v in hits.items()},
             "all_seen": {m: _ci(v, totals) for m, v in hits.items()},
             "retrieval": {d: 100.0 * v / max(sum(totals), 1) for d, v in found.items()},
+            "top_k_coverage": {str(k): 100.0 * v / max(sum(totals), 1)
+                               for k, v in covered.items()},
             "designs_all_seen": {d: 100.0 * v / max(sum(totals), 1)
                                  for d, v in extra_hits.items()}}
 
@@ -165,6 +276,8 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
     cl = halrp_adapt.attach(model, **options)
     designs: dict[str, dict] = {d: {} for d in DESIGNS}
     steps = []
+    lifted: LiftedRidge | None = None
+    ridge = []
     for t, task in enumerate(tasks):
         cl.add_task(task.name, num_classes=task.num_classes)
         trial_epochs, epochs = Q.halrp_epochs(args, seq.first_trains_backbone and t == 0)
@@ -180,13 +293,22 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
                 whole.compressed(rank) if kind == "backbone"
                 else compute_signature(cl, task.name, train, "task", rank=rank))
         cl._tasks[task.name].signature = designs["backbone"][task.name]  # what attach stores
-        step = _score_step(cl, tasks[:t + 1], designs, "test", device)
+        offset = cl.class_offsets()[task.name][0]
+        x, y = _frozen_features(cl, train, offset, device)
+        lifted = lifted or LiftedRidge(x.shape[1], seed)
+        lifted.add_task(x, y, task.num_classes)
+        val = [_frozen_features(cl, s.val, cl.class_offsets()[s.name][0], device)
+               for s in tasks[:t + 1]]
+        ridge.append(lifted.fit(torch.cat([v[0] for v in val]), torch.cat([v[1] for v in val])))
+        step = _score_step(cl, tasks[:t + 1], designs, "test", device, lifted)
         steps.append(step)
         print(f"    after {task.name}: " + "  ".join(
             f"{m} {a:.1f}" for m, a in step["all_seen"].items()) + "  found " + "  ".join(
             f"{k} {a:.1f}" for k, a in step["retrieval"].items()), flush=True)
     cost = measure_cost(cl, designs, tasks, args) if seed == 0 else None
-    return {"steps": steps, "cost": cost,
+    assert lifted is not None
+    return {"steps": steps, "cost": cost, "ridge": ridge,
+            "lifted_bytes_per_task": lifted.task_bytes,
             "signature_bytes": {d: [designs[d][t.name].nbytes for t in tasks] for d in DESIGNS},
             "stored_bytes_per_task": [4 * (cl.task_stats(t.name).stored_params
                                            + cl.task_stats(t.name).head_params)
@@ -230,8 +352,19 @@ def measure_cost(cl: halrp_adapt.HalrpModel, designs: dict[str, dict], tasks: li
         use("backbone")
         cl(*args_, task_ids="auto", **kwargs)
 
+    def candidates(k: int):
+        def call():
+            use("backbone")
+            cl.config.retrieval_candidates = k
+            try:
+                cl(*args_, task_ids="auto", **kwargs)
+            finally:
+                cl.config.retrieval_candidates = 1
+        return call
+
     calls = {"one_task_forward": one_task, "retrieval_backbone": retrieve_backbone,
-             "retrieval_task": retrieve_task, "auto_forward_backbone": auto_backbone}
+             "retrieval_task": retrieve_task, "auto_forward_backbone": auto_backbone,
+             **{f"candidates_top_{k}": candidates(k) for k in range(2, TOP_K + 1)}}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for call in calls.values():  # warm up, and build each design's cached scorer
         call()
@@ -326,14 +459,20 @@ def study(name: str, args) -> dict:
         halrp = run_halrp(seq, lr, seed, args)
         ft = sweep[chosen] if seed == 0 else run_seq_ft(Q.make_sequence(name, seed, args),
                                                           chosen, seed, args)
-        curves = {m: [s["all_seen"][m] for s in halrp["steps"]] for m in (*METHODS, FUSED)
-                  if m != "seq_ft"}
+        curves = {m: [s["all_seen"][m] for s in halrp["steps"]]
+                  for m in (*METHODS, FUSED, *CANDIDATES, LIFTED) if m != "seq_ft"}
         curves["seq_ft"] = ft["all_seen"]
         result = {
             "curves": curves,
             "average": {m: statistics.mean(c) for m, c in curves.items()},
             "last": {m: c[-1] for m, c in curves.items()},
             "retrieval_last": halrp["steps"][-1]["retrieval"],
+            "top_k_coverage_last": halrp["steps"][-1]["top_k_coverage"],
+            "top_k_coverage_average": {k: statistics.mean(s["top_k_coverage"][k]
+                                                          for s in halrp["steps"])
+                                       for k in halrp["steps"][-1]["top_k_coverage"]},
+            "ridge": halrp["ridge"],
+            "lifted_bytes_per_task": halrp["lifted_bytes_per_task"],
             "designs_average": {d: statistics.mean(s["designs_all_seen"][d]
                                                    for s in halrp["steps"]) for d in DESIGNS},
             "designs_last": halrp["steps"][-1]["designs_all_seen"],
@@ -357,8 +496,16 @@ def summarize(sequences: dict[str, dict]) -> dict:
         row: dict[str, Any] = {}
         for metric in ("average", "last"):
             row[metric] = {m: statistics.mean(s[metric][m] for s in seeds) for m in METHODS}
-            if all(FUSED in s[metric] for s in seeds):
-                row[metric][FUSED] = statistics.mean(s[metric][FUSED] for s in seeds)
+            for extra in (FUSED, *CANDIDATES, LIFTED):
+                if all(extra in s[metric] for s in seeds):
+                    row[metric][extra] = statistics.mean(s[metric][extra] for s in seeds)
+        for when in ("last", "average"):
+            key = f"top_k_coverage_{when}"
+            if all(key in s for s in seeds):
+                row[key] = {k: statistics.mean(s[key][k] for s in seeds) for k in seeds[0][key]}
+        if all("lifted_bytes_per_task" in s for s in seeds):
+            row["lifted_bytes_per_task"] = statistics.mean(
+                b for s in seeds for b in s["lifted_bytes_per_task"])
         row["retrieval"] = {k: statistics.mean(s["retrieval_last"][k] for s in seeds)
                             for k in DESIGNS}
         for metric in ("designs_average", "designs_last"):
@@ -388,7 +535,8 @@ def summarize(sequences: dict[str, dict]) -> dict:
     return {"table": table, "targets": targets}
 
 
-def _write(path: Path, args, argv: list[str] | None, sequences: dict, wall_s: float) -> dict:
+def _write(path: Path, args, argv: list[str] | None, sequences: dict, wall_s: float,
+           ran: list[str] | None = None) -> dict:
     command = "python benchmarks/class_incremental.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     out = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"),
@@ -397,6 +545,8 @@ def _write(path: Path, args, argv: list[str] | None, sequences: dict, wall_s: fl
            "settings": {k: (str(v) if isinstance(v, (Path, torch.device)) else v)
                         for k, v in vars(args).items()},
            "wall_s": wall_s, "sequences": sequences, "summary": summarize(sequences)}
+    if ran:
+        out["ran"] = ran
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -416,6 +566,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chosen-from", type=Path, default=RESULTS / "quality.json",
                         help="study 8's results, for HALRP's chosen learning rates")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="results files of runs over other sequences: one table, nothing run")
     args = parser.parse_args(argv)
     args.lrs = [float(v) for v in args.lrs.split(",")]
     if args.quick:
@@ -431,8 +583,14 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out or RESULTS / ("class_incremental_quick.json" if args.quick
                                   else "class_incremental.json")
     sequences: dict[str, dict] = {}
-    for name in names:  # written after each sequence: a stopped run keeps what it measured
-        sequences[name] = study(name, args)
+    if args.merge:  # parallel runs over disjoint sequences (e.g. one process each)
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        for part in parts:
+            sequences.update(part["sequences"])
+        out = _write(path, args, argv, sequences, sum(p["wall_s"] for p in parts),
+                     ran=[p["command"] for p in parts])
+    for name in [] if args.merge else names:  # written after each sequence: a stopped run
+        sequences[name] = study(name, args)   # keeps what it measured
         out = _write(path, args, argv, sequences, time.perf_counter() - start)
     summary = out["summary"]
     for name, row in summary["table"].items():

@@ -178,6 +178,15 @@ class HalrpConfig(PeftConfig):
             "keeps the whole D x D matrix."
         },
     )
+    retrieval_candidates: int = field(
+        default=1,
+        metadata={
+            "help": "With task_ids='auto' and 'backbone' signatures: how many tasks, best "
+            "first by the frozen features' posterior, each input runs through; the answer is "
+            "the candidate whose posterior times its own head's confidence is highest. 1 (one "
+            "forward per input) trusts the frozen features alone."
+        },
+    )
     train_base: bool = field(
         default=False,
         metadata={
@@ -259,6 +268,13 @@ class HalrpConfig(PeftConfig):
             )
         if self.signature_rank is not None:
             _check_int("signature_rank", self.signature_rank, minimum=1)
+        _check_int("retrieval_candidates", self.retrieval_candidates, minimum=1)
+        if self.retrieval_candidates > 1 and self.task_signature != "backbone":
+            raise ValueError(
+                "`retrieval_candidates` > 1 needs task_signature='backbone' (candidates are "
+                f"ranked in the frozen features), got task_signature={self.task_signature!r}; "
+                "use retrieval_candidates=1 with it."
+            )
         for name in ("task_heads", "train_base", "init_weights", "trains_base"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import load_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -174,15 +175,20 @@ def test_class_incremental_quick(tmp_path):
                "--out", str(tmp_path / "ci.json"))
     assert json.loads((tmp_path / "ci.json").read_text())["summary"] == out["summary"]
     row = out["summary"]["table"]["lite0-split-digits"]
+    script = load_script(BENCHMARKS / "class_incremental.py")
     methods = {"halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
-               "seq_ft", "halrp+retrieval, head x prototypes"}
+               "seq_ft", "halrp+retrieval, head x prototypes", script.LIFTED, *script.CANDIDATES}
     assert set(row["average"]) == set(row["last"]) == methods
     # a sample can only lose when its task must be found first
-    assert row["last"]["halrp+retrieval (backbone)"] <= row["last"]["oracle"]
+    for method in ("halrp+retrieval (backbone)", *script.CANDIDATES):
+        assert row["last"][method] <= row["last"]["oracle"]
+    coverage = [row["top_k_coverage_last"][str(k)] for k in range(1, script.TOP_K + 1)]
+    assert coverage == sorted(coverage) and coverage[-1] <= 100.0
+    assert row["lifted_bytes_per_task"] >= 4 * script.LIFT_WIDTH**2
     assert set(row["retrieval"]) == {"backbone", "backbone, whole scatter", "backbone, rank 16",
                                      "task"}
     assert {"retrieval_backbone", "retrieval_task", "auto_forward_backbone",
-            "one_task_forward"} <= set(row["cost_ratio"])
+            "one_task_forward", "candidates_top_2", "candidates_top_3"} <= set(row["cost_ratio"])
     assert set(out["summary"]["targets"]) == {
         "beats_prototype_and_seq_ft_on_every_sequence",
         "retrieval_at_most_1.3x_one_task_forward"}
@@ -237,3 +243,22 @@ def test_frontier_writes_the_table_only_from_a_merge_or_the_whole_grid():
     assert not run(methods=["halrp", "halrp[trial half a pass]"])
     assert run(methods=["lora"], merge=["parts/a.json"])
     assert run(methods=["lora"], out="f.json")
+
+
+def test_lifted_ridge_adds_up_task_by_task():
+    """RanPAC-style statistics of two tasks added one by one equal those of both at once, and
+    the fitted ridge separates well-separated classes."""
+    script = load_script(BENCHMARKS / "class_incremental.py")
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(40, 8) + 4 * torch.eye(8)[c] for c in range(4)])
+    y = torch.arange(4).repeat_interleave(40)
+    both = script.LiftedRidge(8, seed=0, width=64)
+    both.add_task(x[:80], y[:80], 2)
+    both.add_task(x[80:], y[80:], 2)
+    whole = script.LiftedRidge(8, seed=0, width=64)
+    lifted = whole.lift(x)
+    torch.testing.assert_close(both.gram, lifted.T @ lifted)
+    torch.testing.assert_close(both.sums[3], lifted[y == 3].sum(0))
+    assert len(both.task_bytes) == 2
+    both.fit(x, y)
+    assert (both.predict(x) == y).double().mean() > 0.95

@@ -137,6 +137,51 @@ def test_auto_routing_finds_tasks_and_gives_a_global_class_space():
     assert torch.equal(logits.argmax(1) == 2 * t + y, (predicted == t) & oracle)
 
 
+def test_task_log_posterior_sums_each_tasks_class_posteriors():
+    a, b = SignatureAccumulator(), SignatureAccumulator()
+    a.update(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    b.update(torch.randn(64, 3) + 3, torch.randint(0, 3, (64,)))
+    scorer = PrototypeScorer([a.finish("backbone"), b.finish("backbone")])
+    x = torch.randn(5, 3) * 2
+    log_tasks = scorer.task_log_posterior(x)
+    post = torch.softmax(0.5 * scorer.class_scores(x).double(), 1)
+    expected = torch.stack([post[:, scorer.owners == t].sum(1) for t in (0, 1)], 1)
+    torch.testing.assert_close(log_tasks.exp(), expected)
+    far = scorer.task_log_posterior(torch.full((1, 3), 1e4))  # one task's posterior underflows
+    assert torch.isfinite(far).any() and not torch.isnan(far).any()
+
+
+def test_retrieval_candidates_check_the_top_tasks_with_their_own_heads():
+    cl = _learned()
+    x, y, t = _test_batch()
+    with torch.no_grad():
+        one = cl(x, task_ids="auto")
+        cl.config.retrieval_candidates = 2
+        two = cl(x, task_ids="auto")
+        ids, posterior, logits = halrp_adapt.handle.task_retrieval.candidate_logits(cl, 2, x)
+    assert ids.shape == posterior.shape == (len(x), 2) and logits.shape == (len(x), 2, 2)
+    assert (posterior[:, 0] >= posterior[:, 1]).all()
+    # each candidate's logits are that task's own forward
+    torch.testing.assert_close(logits[:, 1], cl.forward_tasks(ids[:, 1], x))
+    # the answer is the candidate with the best posterior x head confidence, at its offset
+    score = posterior.float() + torch.log_softmax(logits.float(), 2).amax(2)
+    chosen = ids.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+    for row in range(len(x)):
+        start = 2 * int(chosen[row])
+        torch.testing.assert_close(two[row, start : start + 2], logits[row, score[row].argmax()])
+        assert torch.isinf(two[row]).sum() == 4
+    assert one.shape == two.shape
+    hit = two.argmax(1) == 2 * t + y
+    assert hit.any() and (chosen[hit] == t[hit]).all()  # right only through the right task
+
+
+def test_retrieval_candidates_option_is_checked():
+    with pytest.raises(ValueError, match="retrieval_candidates"):
+        halrp_adapt.attach(_net(), budget=0.9, retrieval_candidates=0)
+    with pytest.raises(ValueError, match="task_signature='backbone'"):
+        halrp_adapt.attach(_net(), budget=0.9, retrieval_candidates=2, task_signature="task")
+
+
 def test_signature_comes_from_frozen_features_and_leaves_outputs_alone():
     cl = _learned(tasks=("a",))
     x, _, _ = _test_batch(("a",))

@@ -159,6 +159,53 @@ def class_offsets(handle: HalrpModel) -> dict[str, tuple[int, int]]:
     return offsets
 
 
+def _class_logits(local: Tensor) -> Tensor:
+    if local.dim() != 2:
+        raise ValueError(
+            f"task_ids='auto' gives class logits (batch, classes); this model's output is "
+            f"{tuple(local.shape)}."
+        )
+    return local
+
+
+def candidate_logits(
+    handle: HalrpModel, candidates: int, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each sample's `candidates` best tasks by the frozen features' task posterior, and the
+    sample run through each: (task ids (batch, k), their log posteriors (batch, k), local
+    logits (batch, k, classes), -inf past each task's classes)."""
+    scorer = scorer_for(handle, device_of(handle))
+    if not scorer.shared:
+        raise ValueError(
+            "retrieval_candidates > 1 needs task signatures of the frozen backbone's features "
+            "(task_signature='backbone')."
+        )
+    log_tasks = scorer.task_log_posterior(head_features(handle, None, *args, **kwargs))
+    top = log_tasks.topk(min(candidates, log_tasks.shape[1]), 1)
+    inf = float("-inf")  # so that padding never adds to a head's softmax
+    logits = [
+        _class_logits(forward_tasks(handle, ids, *args, fill_value=inf, **kwargs))
+        for ids in top.indices.T
+    ]
+    width = max(x.shape[1] for x in logits)
+    logits = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=inf) for x in logits]
+    return top.indices, top.values, torch.stack(logits, 1)
+
+
+def checked_candidates(
+    handle: HalrpModel, candidates: int, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """(task ids, local logits): of each sample's `candidates` best tasks
+    (`candidate_logits`), the one with the highest `log p(task | x) + log max_c p_head(c | x)`:
+    its own head's confidence re-checks the frozen features' guess in the task's adapted
+    features."""
+    ids, log_posterior, logits = candidate_logits(handle, candidates, *args, **kwargs)
+    confidence = torch.log_softmax(logits.float(), 2).amax(2)
+    pick = (log_posterior.to(confidence) + confidence).argmax(1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return ids.gather(1, pick.unsqueeze(1)).squeeze(1), logits[rows, pick]
+
+
 def forward_auto(
     handle: HalrpModel,
     *args: Any,
@@ -168,15 +215,16 @@ def forward_auto(
 ) -> Tensor:
     """Logits over every loaded task's classes: each sample through the task retrieval picks
     (or `predicted`, from `predict_tasks` already run on these inputs), its logits placed at
-    that task's offset, `fill_value` elsewhere."""
+    that task's offset, `fill_value` elsewhere. With `retrieval_candidates` k > 1 (and no
+    `predicted`), each sample's k best tasks are checked by their own heads
+    (`checked_candidates`)."""
     offsets = class_offsets(handle)
-    ids = predict_tasks(handle, *args, **kwargs) if predicted is None else predicted
-    local = forward_tasks(handle, ids, *args, fill_value=fill_value, **kwargs)
-    if local.dim() != 2:
-        raise ValueError(
-            f"task_ids='auto' gives class logits (batch, classes); this model's output is "
-            f"{tuple(local.shape)}."
-        )
+    candidates = handle.config.retrieval_candidates
+    if predicted is None and candidates > 1 and len(handle.tasks) > 1:
+        ids, local = checked_candidates(handle, candidates, *args, **kwargs)
+    else:
+        ids = predict_tasks(handle, *args, **kwargs) if predicted is None else predicted
+        local = _class_logits(forward_tasks(handle, ids, *args, fill_value=fill_value, **kwargs))
     result = local.new_full((local.shape[0], sum(w for _, w in offsets.values())), fill_value)
     ids = ids.to(local.device)
     for index in torch.unique(ids).tolist():

@@ -407,6 +407,17 @@ class PrototypeScorer:
             columns.append(scores.max(1).values)
         return torch.stack(columns, 1)
 
+    def task_log_posterior(self, features: Tensor) -> Tensor:
+        """(batch, tasks): log p(task | x) in a shared feature space, the classes' posterior
+        (softmax of score / 2, the Gaussian log-likelihood up to a term every class shares)
+        summed over each task's classes."""
+        log_post = torch.log_softmax(0.5 * self.class_scores(features).double(), 1)
+        per_task = log_post.new_full((log_post.shape[0], len(self._weights)), float("-inf"))
+        index = self.owners.expand_as(log_post)
+        peak = log_post.max(1, keepdim=True).values
+        sums = torch.zeros_like(per_task).scatter_add(1, index, (log_post - peak).exp())
+        return torch.where(sums > 0, sums.log() + peak, per_task)
+
     def predict_tasks(self, features: Sequence[Tensor] | Tensor) -> Tensor:
         """Each sample's task: an index into the signatures given."""
         return self.task_scores(features).argmax(1)
