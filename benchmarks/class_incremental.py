@@ -64,6 +64,7 @@ from halrp_adapt.handle.task_retrieval import (  # noqa: E402
     candidate_logits,
     compute_signature,
     head_features,
+    scorer_for,
 )
 from halrp_adapt.method.task_signature import PrototypeScorer  # noqa: E402
 
@@ -87,7 +88,11 @@ RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 3))  # x trace(G) / width
 TOP_K = 3
 EVIDENCE = {"head confidence": lambda logits: torch.log_softmax(logits.float(), 1).max(1).values,
             "head energy": lambda logits: torch.logsumexp(logits.float(), 1)}
-CANDIDATES = [f"halrp, top-{k} candidates x {e}" for k in range(2, TOP_K + 1) for e in EVIDENCE]
+# MOS-style agreement: a candidate's class must also be likely in the frozen features; each
+# (candidate, class) scores log p_head(c | x) + log p_frozen(c | x), the best pair answers.
+AGREEMENT = "head x class posterior"
+CANDIDATES = [f"halrp, top-{k} candidates x {e}" for k in range(2, TOP_K + 1)
+              for e in (*EVIDENCE, AGREEMENT)]
 
 
 def _inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor]:
@@ -172,10 +177,37 @@ def candidate_predict(cl: halrp_adapt.HalrpModel, k: int, evidence: str, args: t
     (`candidate_logits`, the library's path), the one with the highest log task posterior plus
     `EVIDENCE[evidence]` of its head's logits."""
     ids, log_posterior, logits = candidate_logits(cl, k, *args, **kwargs)
+    if evidence == AGREEMENT:
+        return _agreement_predict(cl, ids, logits, args, kwargs)
     combined = log_posterior.float() + torch.stack(
         [EVIDENCE[evidence](logits[:, j]) for j in range(logits.shape[1])], 1)
     pick = combined.argmax(1, keepdim=True)
     return ids.gather(1, pick).squeeze(1), logits.argmax(2).gather(1, pick).squeeze(1)
+
+
+def _agreement_predict(cl: halrp_adapt.HalrpModel, ids: torch.Tensor, logits: torch.Tensor,
+                       args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of every (candidate task, local class) pair, the one with the highest
+    log p_head(c | x) + log p_frozen(c | x) (the frozen features' LDA class posterior)."""
+    scorer = scorer_for(cl, ids.device)
+    log_class = torch.log_softmax(
+        0.5 * scorer.class_scores(head_features(cl, None, *args, **kwargs)).double(), 1)
+    width = logits.shape[2]
+    table = torch.full((len(scorer.class_index), width), -1, dtype=torch.long)
+    start = 0
+    for t, present in enumerate(scorer.class_index):
+        keep = present[present < width].cpu()
+        table[t, keep] = start + torch.arange(len(keep))
+        start += len(present)
+    table = table.to(ids.device)
+    head = torch.log_softmax(logits.float(), 2)  # (batch, k, classes)
+    scores = torch.empty_like(head)
+    for j in range(ids.shape[1]):
+        cols = table[ids[:, j]]  # (batch, classes): the frozen posterior's column per class
+        frozen = log_class.gather(1, cols.clamp(min=0)).float()
+        scores[:, j] = torch.where(cols >= 0, head[:, j] + frozen, float("-inf"))
+    best = scores.flatten(1).argmax(1)
+    return ids.gather(1, (best // width).unsqueeze(1)).squeeze(1), best % width
 
 
 # ---- HALRP, told the task or not --------------------------------------------------------------
@@ -225,7 +257,7 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
             for k in covered:
                 covered[k] += int((ranked[:, :k] == index).any(1).sum())
             for k in range(2, TOP_K + 1):
-                for evidence in EVIDENCE:
+                for evidence in (*EVIDENCE, AGREEMENT):
                     ids, local = candidate_predict(cl, k, evidence, args, kwargs)
                     right[f"halrp, top-{k} candidates x {evidence}"] += int(
                         ((ids == index) & (local == labels)).sum())

@@ -645,7 +645,10 @@ CI_LABELS = {"halrp+retrieval (backbone)": "HALRP, task found (backbone features
                                                       "frozen backbone",
              **{f"halrp, top-{k} candidates x head {e}": f"HALRP, top {k} tasks checked by each "
                 f"one's head ({e}; measured, not a default)"
-                for k in (2, 3) for e in ("confidence", "energy")}}
+                for k in (2, 3) for e in ("confidence", "energy")},
+             **{f"halrp, top-{k} candidates x head x class posterior": f"HALRP, top {k} tasks, "
+                "best head x frozen class posterior pair (measured, not a default)"
+                for k in (2, 3)}}
 
 
 def _ci_missed(table: dict, detail: dict) -> str:

@@ -181,7 +181,8 @@ def test_class_incremental_quick(tmp_path):
     assert set(row["average"]) == set(row["last"]) == methods
     # a sample can only lose when its task must be found first
     for method in ("halrp+retrieval (backbone)", *script.CANDIDATES):
-        assert row["last"][method] <= row["last"]["oracle"]
+        if script.AGREEMENT not in method:  # the others answer with the task's own head
+            assert row["last"][method] <= row["last"]["oracle"]
     coverage = [row["top_k_coverage_last"][str(k)] for k in range(1, script.TOP_K + 1)]
     assert coverage == sorted(coverage) and coverage[-1] <= 100.0
     assert row["lifted_bytes_per_task"] >= 4 * script.LIFT_WIDTH**2
