@@ -579,6 +579,8 @@ def _write(path: Path, args, argv: list[str] | None, sequences: dict, wall_s: fl
            "wall_s": wall_s, "sequences": sequences, "summary": summarize(sequences)}
     if ran:
         out["ran"] = ran
+    if getattr(args, "note", None):
+        out["note"] = args.note
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -600,6 +602,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="results files of runs over other sequences: one table, nothing run")
+    parser.add_argument("--note", default=None,
+                        help="with --merge: how the parts were made, kept in the results")
     args = parser.parse_args(argv)
     args.lrs = [float(v) for v in args.lrs.split(",")]
     if args.quick:
