@@ -171,12 +171,13 @@ def _frozen_features(cl: halrp_adapt.HalrpModel, data: list, offset: int,
     return torch.cat(features), torch.cat(labels)
 
 
-def candidate_predict(cl: halrp_adapt.HalrpModel, k: int, evidence: str, args: tuple,
-                      kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_predict(cl: halrp_adapt.HalrpModel, candidates: tuple, k: int, evidence: str,
+                      args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's (task index, local class): of its top `k` tasks by the frozen posterior
-    (`candidate_logits`, the library's path), the one with the highest log task posterior plus
-    `EVIDENCE[evidence]` of its head's logits."""
-    ids, log_posterior, logits = candidate_logits(cl, k, *args, **kwargs)
+    (`candidates`: `candidate_logits` at TOP_K, the library's path, whose first k columns are
+    the top k), the one with the highest log task posterior plus `EVIDENCE[evidence]` of its
+    head's logits."""
+    ids, log_posterior, logits = (c[:, :k] for c in candidates)
     if evidence == AGREEMENT:
         return _agreement_predict(cl, ids, logits, args, kwargs)
     combined = log_posterior.float() + torch.stack(
@@ -256,9 +257,10 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
             ranked = default.task_log_posterior(features).argsort(1, descending=True)
             for k in covered:
                 covered[k] += int((ranked[:, :k] == index).any(1).sum())
+            top = candidate_logits(cl, TOP_K, *args, **kwargs)  # once; each k is its prefix
             for k in range(2, TOP_K + 1):
                 for evidence in (*EVIDENCE, AGREEMENT):
-                    ids, local = candidate_predict(cl, k, evidence, args, kwargs)
+                    ids, local = candidate_predict(cl, top, k, evidence, args, kwargs)
                     right[f"halrp, top-{k} candidates x {evidence}"] += int(
                         ((ids == index) & (local == labels)).sum())
             oracle_logits = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
@@ -387,11 +389,11 @@ def measure_cost(cl: halrp_adapt.HalrpModel, designs: dict[str, dict], tasks: li
     def candidates(k: int):
         def call():
             use("backbone")
-            cl.config.retrieval_candidates = k
+            before, cl.config.retrieval_candidates = cl.config.retrieval_candidates, k
             try:
                 cl(*args_, task_ids="auto", **kwargs)
             finally:
-                cl.config.retrieval_candidates = 1
+                cl.config.retrieval_candidates = before
         return call
 
     calls = {"one_task_forward": one_task, "retrieval_backbone": retrieve_backbone,
