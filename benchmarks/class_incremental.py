@@ -21,10 +21,15 @@ scored over all classes seen so far, without task names, by:
                               seeded random projection to 2048 and ReLU, ridge regression over
                               per-task additive statistics (class sums, Gram matrix), its weight
                               chosen on the seen tasks' validation data
-- top-k candidates            HALRP, each input's k best tasks by the frozen features' task
-                              posterior run through their own adapters, the candidate with the
-                              best log posterior + its head's evidence kept (confidence: the
-                              library's `retrieval_candidates`; energy: logsumexp of the logits)
+- halrp auto (default)        the library's `task_ids="auto"` as attached by default: the 2
+                              best tasks by the frozen features' posterior; inputs whose best
+                              posterior is below 0.999 also run through the second, and the
+                              candidate with the best log posterior + 3 x its evidence answers
+                              (its head's confidence and its own-feature prototype score, each
+                              standardised on the task's validation data: `TaskEvidence`)
+- top-k x evidence variants   the same with all inputs checked, top 3, evidence weight 1 or 10,
+                              and the earlier rule (uncalibrated head confidence), all computed
+                              from one top-3 pass per batch
 
 The top-k coverage table gives how often the right task is among those k.
 
@@ -64,7 +69,6 @@ from halrp_adapt.handle.task_retrieval import (  # noqa: E402
     candidate_logits,
     compute_signature,
     head_features,
-    scorer_for,
 )
 from halrp_adapt.method.task_signature import PrototypeScorer  # noqa: E402
 
@@ -76,23 +80,24 @@ METHODS = ("halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "pr
 # plus the prototypes' (a product of the two classifiers' probabilities, nothing tuned).
 FUSED = "halrp+retrieval, head x prototypes"
 COST_RATIO_TARGET = 1.3
+AUTO_COST_TARGET = 3.0  # issue 25: task_ids="auto" at the default candidates
 # Issue 25. A RanPAC-style classifier on the frozen backbone: a fixed seeded random projection
 # to LIFT_WIDTH, ReLU, ridge over per-task additive statistics (class sums, Gram matrix), the
 # ridge weight chosen on the seen tasks' validation data.
 LIFTED = "lifted-feature ridge, frozen backbone"
 LIFT_WIDTH = 2048
 RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 3))  # x trace(G) / width
-# Candidates, then a check in the tasks' own features: the top k tasks by the frozen features'
-# posterior (summed over each task's classes), each input run through each candidate, the
-# answer the candidate with the highest log task posterior + the candidate head's evidence.
+# Candidates, then a check in the tasks' own features (issue 25). The default runs through the
+# library's path; the variants are computed from one top-3 pass per batch:
+# name -> (k, check inputs whose best posterior is below, evidence weight); weight None is the
+# earlier rule: log posterior + the head's (uncalibrated) largest log-softmax.
+DEFAULT_AUTO = "halrp auto (default: top 2 x evidence)"
 TOP_K = 3
-EVIDENCE = {"head confidence": lambda logits: torch.log_softmax(logits.float(), 1).max(1).values,
-            "head energy": lambda logits: torch.logsumexp(logits.float(), 1)}
-# MOS-style agreement: a candidate's class must also be likely in the frozen features; each
-# (candidate, class) scores log p_head(c | x) + log p_frozen(c | x), the best pair answers.
-AGREEMENT = "head x class posterior"
-CANDIDATES = [f"halrp, top-{k} candidates x {e}" for k in range(2, TOP_K + 1)
-              for e in (*EVIDENCE, AGREEMENT)]
+CANDIDATES = {"halrp, top-2 x evidence, all checked": (2, 2.0, 3.0),
+              "halrp, top-3 x evidence": (3, 0.999, 3.0),
+              "halrp, top-2 x evidence, weight 1": (2, 0.999, 1.0),
+              "halrp, top-2 x evidence, weight 10": (2, 0.999, 10.0),
+              "halrp, top-2 x head confidence (uncalibrated)": (2, 2.0, None)}
 
 
 def _inputs(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor]:
@@ -163,6 +168,7 @@ class LiftedRidge:
 @torch.no_grad()
 def _frozen_features(cl: halrp_adapt.HalrpModel, data: list, offset: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    cl.eval()  # no dropout in the statistics
     features, labels = [], []
     for batch in data:
         args, kwargs, y = _inputs(batch, device)
@@ -171,44 +177,19 @@ def _frozen_features(cl: halrp_adapt.HalrpModel, data: list, offset: int,
     return torch.cat(features), torch.cat(labels)
 
 
-def candidate_predict(cl: halrp_adapt.HalrpModel, candidates: tuple, k: int, evidence: str,
-                      args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's (task index, local class): of its top `k` tasks by the frozen posterior
-    (`candidates`: `candidate_logits` at TOP_K, the library's path, whose first k columns are
-    the top k), the one with the highest log task posterior plus `EVIDENCE[evidence]` of its
-    head's logits."""
-    ids, log_posterior, logits = (c[:, :k] for c in candidates)
-    if evidence == AGREEMENT:
-        return _agreement_predict(cl, ids, logits, args, kwargs)
-    combined = log_posterior.float() + torch.stack(
-        [EVIDENCE[evidence](logits[:, j]) for j in range(logits.shape[1])], 1)
-    pick = combined.argmax(1, keepdim=True)
+def candidate_predict(candidates: tuple, k: int, check_below: float,
+                      weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's (task index, local class) under one candidate rule, from
+    `candidate_logits` at TOP_K with every input checked (its first k columns are the top k)."""
+    ids, log_posterior, logits, evidence = (c[:, :k] for c in candidates)
+    if weight is None:
+        score = log_posterior.float() + torch.log_softmax(logits.float(), 2).amax(2)
+    else:
+        score = log_posterior.double() + weight * evidence.double()
+    pick = score.argmax(1)
+    sure = log_posterior[:, 0].exp() >= check_below
+    pick = torch.where(sure, torch.zeros_like(pick), pick).unsqueeze(1)
     return ids.gather(1, pick).squeeze(1), logits.argmax(2).gather(1, pick).squeeze(1)
-
-
-def _agreement_predict(cl: halrp_adapt.HalrpModel, ids: torch.Tensor, logits: torch.Tensor,
-                       args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of every (candidate task, local class) pair, the one with the highest
-    log p_head(c | x) + log p_frozen(c | x) (the frozen features' LDA class posterior)."""
-    scorer = scorer_for(cl, ids.device)
-    log_class = torch.log_softmax(
-        0.5 * scorer.class_scores(head_features(cl, None, *args, **kwargs)).double(), 1)
-    width = logits.shape[2]
-    table = torch.full((len(scorer.class_index), width), -1, dtype=torch.long)
-    start = 0
-    for t, present in enumerate(scorer.class_index):
-        keep = present[present < width].cpu()
-        table[t, keep] = start + torch.arange(len(keep))
-        start += len(present)
-    table = table.to(ids.device)
-    head = torch.log_softmax(logits.float(), 2)  # (batch, k, classes)
-    scores = torch.empty_like(head)
-    for j in range(ids.shape[1]):
-        cols = table[ids[:, j]]  # (batch, classes): the frozen posterior's column per class
-        frozen = log_class.gather(1, cols.clamp(min=0)).float()
-        scores[:, j] = torch.where(cols >= 0, head[:, j] + frozen, float("-inf"))
-    best = scores.flatten(1).argmax(1)
-    return ids.gather(1, (best // width).unsqueeze(1)).squeeze(1), best % width
 
 
 # ---- HALRP, told the task or not --------------------------------------------------------------
@@ -233,8 +214,8 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
     scorers = {d: PrototypeScorer([designs[d][n] for n in names], shared=kind == "backbone",
                                   device=device) for d, (kind, _) in DESIGNS.items()}
     starts = torch.tensor([offsets[n][0] for n in names], device=device)
-    columns = ["halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
-               FUSED, *CANDIDATES] + ([LIFTED] if lifted is not None else [])
+    columns = ["halrp+retrieval (backbone)", DEFAULT_AUTO, "halrp+retrieval (task)", "oracle",
+               "prototype", FUSED, *CANDIDATES] + ([LIFTED] if lifted is not None else [])
     hits: dict[str, list[int]] = {m: [] for m in columns}
     covered = dict.fromkeys(range(1, TOP_K + 1), 0)
     found = dict.fromkeys(DESIGNS, 0)
@@ -257,12 +238,12 @@ def _score_step(cl: halrp_adapt.HalrpModel, seen: list[Q.Task], designs: dict[st
             ranked = default.task_log_posterior(features).argsort(1, descending=True)
             for k in covered:
                 covered[k] += int((ranked[:, :k] == index).any(1).sum())
-            top = candidate_logits(cl, TOP_K, *args, **kwargs)  # once; each k is its prefix
-            for k in range(2, TOP_K + 1):
-                for evidence in (*EVIDENCE, AGREEMENT):
-                    ids, local = candidate_predict(cl, top, k, evidence, args, kwargs)
-                    right[f"halrp, top-{k} candidates x {evidence}"] += int(
-                        ((ids == index) & (local == labels)).sum())
+            top = candidate_logits(cl, TOP_K, *args, check_below=2.0, **kwargs)  # once
+            for name, (k, check_below, weight) in CANDIDATES.items():
+                ids, local = candidate_predict(top, k, check_below, weight)
+                right[name] += int(((ids == index) & (local == labels)).sum())
+            auto = Q.logits_of(cl(*args, task_ids="auto", **kwargs))  # the library's default
+            right[DEFAULT_AUTO] += int((auto.argmax(1) == truth).sum())
             oracle_logits = Q.logits_of(cl.forward_tasks(torch.full_like(labels, index), *args,
                                                          **kwargs))
             oracle = oracle_logits.argmax(1) == labels
@@ -320,7 +301,7 @@ def run_halrp(seq: Q.Sequence, lr: float, seed: int, args) -> dict:
         Q.fit(cl, Q.groups(cl, lr, Q.Variant()), task.train, epochs, device,
               extra_loss=cl.regularization_loss)
         train = [Q.on(b, device) for b in task.train]
-        cl.end_task(calibration_data=train)
+        cl.end_task(calibration_data=train, held_out_data=[Q.on(b, device) for b in task.val])
         whole = cl.task_signature(task.name)
         for design, (kind, rank) in DESIGNS.items():
             designs[design][task.name] = (
@@ -382,23 +363,21 @@ def measure_cost(cl: halrp_adapt.HalrpModel, designs: dict[str, dict], tasks: li
         use("task")
         cl.predict_tasks(*args_, **kwargs)
 
-    def auto_backbone():
-        use("backbone")
-        cl(*args_, task_ids="auto", **kwargs)
-
-    def candidates(k: int):
+    def auto_with(k: int, check_below: float):
         def call():
             use("backbone")
-            before, cl.config.retrieval_candidates = cl.config.retrieval_candidates, k
+            before = cl.config.retrieval_candidates, cl.config.retrieval_check_below
+            cl.config.retrieval_candidates, cl.config.retrieval_check_below = k, check_below
             try:
                 cl(*args_, task_ids="auto", **kwargs)
             finally:
-                cl.config.retrieval_candidates = before
+                cl.config.retrieval_candidates, cl.config.retrieval_check_below = before
         return call
 
     calls = {"one_task_forward": one_task, "retrieval_backbone": retrieve_backbone,
-             "retrieval_task": retrieve_task, "auto_forward_backbone": auto_backbone,
-             **{f"candidates_top_{k}": candidates(k) for k in range(2, TOP_K + 1)}}
+             "retrieval_task": retrieve_task, "auto_forward_backbone": auto_with(1, 0.0),
+             "auto_default": auto_with(cl.config.candidates, cl.config.retrieval_check_below),
+             "candidates_top_2": auto_with(2, 2.0), "candidates_top_3": auto_with(3, 2.0)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for call in calls.values():  # warm up, and build each design's cached scorer
         call()
@@ -494,7 +473,7 @@ def study(name: str, args) -> dict:
         ft = sweep[chosen] if seed == 0 else run_seq_ft(Q.make_sequence(name, seed, args),
                                                           chosen, seed, args)
         curves = {m: [s["all_seen"][m] for s in halrp["steps"]]
-                  for m in (*METHODS, FUSED, *CANDIDATES, LIFTED) if m != "seq_ft"}
+                  for m in (*METHODS, DEFAULT_AUTO, FUSED, *CANDIDATES, LIFTED) if m != "seq_ft"}
         curves["seq_ft"] = ft["all_seen"]
         result = {
             "curves": curves,
@@ -511,7 +490,7 @@ def study(name: str, args) -> dict:
                                                    for s in halrp["steps"]) for d in DESIGNS},
             "designs_last": halrp["steps"][-1]["designs_all_seen"],
             "ci_matrix": {m: [s["per_task"][m] for s in halrp["steps"]] for m in
-                          ("halrp+retrieval (backbone)", "oracle")},
+                          ("halrp+retrieval (backbone)", DEFAULT_AUTO, "oracle")},
             "cost": halrp["cost"],
             "signature_bytes": halrp["signature_bytes"],
             "stored_bytes_per_task": halrp["stored_bytes_per_task"],
@@ -530,7 +509,7 @@ def summarize(sequences: dict[str, dict]) -> dict:
         row: dict[str, Any] = {}
         for metric in ("average", "last"):
             row[metric] = {m: statistics.mean(s[metric][m] for s in seeds) for m in METHODS}
-            for extra in (FUSED, *CANDIDATES, LIFTED):
+            for extra in (DEFAULT_AUTO, FUSED, *CANDIDATES, LIFTED):
                 if all(extra in s[metric] for s in seeds):
                     row[metric][extra] = statistics.mean(s[metric][extra] for s in seeds)
         for when in ("last", "average"):
@@ -552,16 +531,24 @@ def summarize(sequences: dict[str, dict]) -> dict:
             b for s in seeds for b in s["stored_bytes_per_task"])
         row["seeds"] = len(seeds)
         table[name] = row
-    best = "halrp+retrieval (backbone)"
+    best = DEFAULT_AUTO
+    peers = ("prototype", LIFTED, "seq_ft")
     beats = {name: {peer: {metric: r[metric][best] > r[metric][peer]
                            for metric in ("average", "last")}
-                    for peer in ("prototype", "seq_ft")} for name, r in table.items()}
+                    for peer in peers if peer in r["average"] and best in r["average"]}
+             for name, r in table.items()}
     ratios = {name: r["cost_ratio"]["retrieval_backbone"] for name, r in table.items()
               if r["cost_ratio"]}
+    auto = {name: r["cost_ratio"]["auto_default"] for name, r in table.items()
+            if r["cost_ratio"] and "auto_default" in r["cost_ratio"]}
     targets = {
-        "beats_prototype_and_seq_ft_on_every_sequence": {
-            "met": all(v for b in beats.values() for p in b.values() for v in p.values()),
+        "auto_above_prototype_lifted_ridge_and_seq_ft_on_every_sequence": {
+            "met": all(len(b) == len(peers) for b in beats.values())
+            and all(v for b in beats.values() for p in b.values() for v in p.values()),
             "detail": beats},
+        f"auto_at_most_{AUTO_COST_TARGET}x_one_task_forward_at_the_default": {
+            "met": bool(auto) and all(v <= AUTO_COST_TARGET for v in auto.values()),
+            "ratios": auto},
         f"retrieval_at_most_{COST_RATIO_TARGET}x_one_task_forward": {
             "met": bool(ratios) and all(v <= COST_RATIO_TARGET for v in ratios.values()),
             "ratios": ratios},

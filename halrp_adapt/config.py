@@ -178,13 +178,22 @@ class HalrpConfig(PeftConfig):
             "keeps the whole D x D matrix."
         },
     )
-    retrieval_candidates: int = field(
-        default=1,
+    retrieval_candidates: int | None = field(
+        default=None,
         metadata={
             "help": "With task_ids='auto' and 'backbone' signatures: how many tasks, best "
-            "first by the frozen features' posterior, each input runs through; the answer is "
-            "the candidate whose posterior times its own head's confidence is highest. 1 (one "
-            "forward per input) trusts the frozen features alone."
+            "first by the frozen features' posterior, an input may run through; each "
+            "candidate's own evidence (its head's confidence and its own-feature statistics, "
+            "standardised on the task's held-out data) re-checks the frozen guess. None: 2 "
+            "with task_signature='backbone', else 1; 1 trusts the frozen features alone."
+        },
+    )
+    retrieval_check_below: float = field(
+        default=0.999,
+        metadata={
+            "help": "With retrieval_candidates > 1: only inputs whose best task posterior is "
+            "below this run through their other candidates (0 checks none, above 1 every "
+            "input); confident inputs cost one forward."
         },
     )
     train_base: bool = field(
@@ -239,6 +248,14 @@ class HalrpConfig(PeftConfig):
         default=FORMAT_VERSION, metadata={"help": "Version of halrp_adapt's file format."}
     )
 
+    @property
+    def candidates(self) -> int:
+        """The number of candidate tasks `task_ids="auto"` checks (`retrieval_candidates`,
+        with None resolved)."""
+        if self.retrieval_candidates is not None:
+            return self.retrieval_candidates
+        return 2 if self.task_signature == "backbone" else 1
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HalrpType.HALRP
@@ -268,13 +285,15 @@ class HalrpConfig(PeftConfig):
             )
         if self.signature_rank is not None:
             _check_int("signature_rank", self.signature_rank, minimum=1)
-        _check_int("retrieval_candidates", self.retrieval_candidates, minimum=1)
-        if self.retrieval_candidates > 1 and self.task_signature != "backbone":
-            raise ValueError(
-                "`retrieval_candidates` > 1 needs task_signature='backbone' (candidates are "
-                f"ranked in the frozen features), got task_signature={self.task_signature!r}; "
-                "use retrieval_candidates=1 with it."
-            )
+        if self.retrieval_candidates is not None:
+            _check_int("retrieval_candidates", self.retrieval_candidates, minimum=1)
+            if self.retrieval_candidates > 1 and self.task_signature != "backbone":
+                raise ValueError(
+                    "`retrieval_candidates` > 1 needs task_signature='backbone' (candidates are "
+                    f"ranked in the frozen features), got task_signature={self.task_signature!r}; "
+                    "use retrieval_candidates=1 (or None) with it."
+                )
+        _check_number("retrieval_check_below", self.retrieval_check_below, low=0.0, high=None)
         for name in ("task_heads", "train_base", "init_weights", "trains_base"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

@@ -177,21 +177,22 @@ def test_class_incremental_quick(tmp_path):
     row = out["summary"]["table"]["lite0-split-digits"]
     script = load_script(BENCHMARKS / "class_incremental.py")
     methods = {"halrp+retrieval (backbone)", "halrp+retrieval (task)", "oracle", "prototype",
-               "seq_ft", "halrp+retrieval, head x prototypes", script.LIFTED, *script.CANDIDATES}
+               "seq_ft", "halrp+retrieval, head x prototypes", script.LIFTED,
+               script.DEFAULT_AUTO, *script.CANDIDATES}
     assert set(row["average"]) == set(row["last"]) == methods
     # a sample can only lose when its task must be found first
-    for method in ("halrp+retrieval (backbone)", *script.CANDIDATES):
-        if script.AGREEMENT not in method:  # the others answer with the task's own head
-            assert row["last"][method] <= row["last"]["oracle"]
+    for method in ("halrp+retrieval (backbone)", script.DEFAULT_AUTO, *script.CANDIDATES):
+        assert row["last"][method] <= row["last"]["oracle"]
     coverage = [row["top_k_coverage_last"][str(k)] for k in range(1, script.TOP_K + 1)]
     assert coverage == sorted(coverage) and coverage[-1] <= 100.0
     assert row["lifted_bytes_per_task"] >= 4 * script.LIFT_WIDTH**2
     assert set(row["retrieval"]) == {"backbone", "backbone, whole scatter", "backbone, rank 16",
                                      "task"}
-    assert {"retrieval_backbone", "retrieval_task", "auto_forward_backbone",
+    assert {"retrieval_backbone", "retrieval_task", "auto_forward_backbone", "auto_default",
             "one_task_forward", "candidates_top_2", "candidates_top_3"} <= set(row["cost_ratio"])
     assert set(out["summary"]["targets"]) == {
-        "beats_prototype_and_seq_ft_on_every_sequence",
+        "auto_above_prototype_lifted_ridge_and_seq_ft_on_every_sequence",
+        "auto_at_most_3.0x_one_task_forward_at_the_default",
         "retrieval_at_most_1.3x_one_task_forward"}
 
 

@@ -45,7 +45,8 @@ def test_push_then_load_one_task_of_three(online):
     fetched = hub.downloads("org/three-tasks")
     assert sorted(fetched) == sorted([INDEX_NAME, "t2/adapter_config.json",
                                       "t2/adapter_model.safetensors",
-                                      "t2/task_signature.safetensors"]), fetched
+                                      "t2/task_signature.safetensors",
+                                      "t2/task_evidence.safetensors"]), fetched
     assert loaded.tasks == ["t2"]
     sent, back = cl.task_signature("t2"), loaded.task_signature("t2")
     assert sent is not None and back is not None and torch.equal(back.means, sent.means)

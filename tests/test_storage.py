@@ -14,6 +14,7 @@ import halrp_adapt
 from halrp_adapt.files.storage import (
     BASE_NAME,
     CONFIG_NAME,
+    EVIDENCE_NAME,
     INDEX_NAME,
     SIGNATURE_NAME,
     WEIGHTS_NAME,
@@ -86,7 +87,7 @@ def test_layout_index_and_peft_naming(tmp_path):
     cl.record_metrics("t1", accuracy=87.5)
     cl.save_pretrained(tmp_path)
     assert sorted(p.name for p in (tmp_path / "t1").iterdir()) == sorted(
-        [CONFIG_NAME, WEIGHTS_NAME, SIGNATURE_NAME]
+        [CONFIG_NAME, WEIGHTS_NAME, SIGNATURE_NAME, EVIDENCE_NAME]
     )
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert index["tasks"] == ["t1", "t2"] and index["backbone"]["params"] == cl.backbone_params

@@ -11,8 +11,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import halrp_adapt
 from halrp_adapt.cli import main as cli_main
-from halrp_adapt.files.storage import SIGNATURE_NAME
+from halrp_adapt.files.storage import EVIDENCE_NAME, SIGNATURE_NAME
+from halrp_adapt.handle import task_retrieval
 from halrp_adapt.files.verify import verify_shelf
+from halrp_adapt.method.task_evidence import TaskEvidence
 from halrp_adapt.method.task_signature import (
     PrototypeScorer,
     SignatureAccumulator,
@@ -94,7 +96,9 @@ def test_scores_order_prototypes_as_mahalanobis_distance():
     sigs = []
     for shift in (0.0, 3.0):
         acc = SignatureAccumulator()
-        acc.update(torch.randn(80, 5) * torch.tensor([1, 2, 3, 1, 1.0]) + shift, torch.arange(80) % 4)
+        acc.update(
+            torch.randn(80, 5) * torch.tensor([1, 2, 3, 1, 1.0]) + shift, torch.arange(80) % 4
+        )
         sigs.append(acc.finish("backbone"))
     scorer = PrototypeScorer(sigs, shrinkage=0.1)
     scatter = sigs[0].scatter.double() + sigs[1].scatter.double()
@@ -151,28 +155,107 @@ def test_task_log_posterior_sums_each_tasks_class_posteriors():
     assert torch.isfinite(far).any() and not torch.isnan(far).any()
 
 
-def test_retrieval_candidates_check_the_top_tasks_with_their_own_heads():
-    cl = _learned()
+def test_retrieval_candidates_check_the_top_tasks_with_their_own_evidence():
+    cl = _learned()  # default: 2 candidates, so each task keeps its evidence
+    assert cl.config.candidates == 2 and all(cl.task_evidence(t) for t in cl.tasks)
     x, y, t = _test_batch()
     with torch.no_grad():
+        cl.config.retrieval_candidates = 1
         one = cl(x, task_ids="auto")
-        cl.config.retrieval_candidates = 2
+        cl.config.retrieval_candidates, cl.config.retrieval_check_below = 2, 2.0  # check all
         two = cl(x, task_ids="auto")
-        ids, posterior, logits = halrp_adapt.handle.task_retrieval.candidate_logits(cl, 2, x)
-    assert ids.shape == posterior.shape == (len(x), 2) and logits.shape == (len(x), 2, 2)
-    assert (posterior[:, 0] >= posterior[:, 1]).all()
-    # each candidate's logits are that task's own forward
-    torch.testing.assert_close(logits[:, 1], cl.forward_tasks(ids[:, 1], x))
-    # the answer is the candidate with the best posterior x head confidence, at its offset
-    score = posterior.float() + torch.log_softmax(logits.float(), 2).amax(2)
-    chosen = ids.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
-    for row in range(len(x)):
-        start = 2 * int(chosen[row])
-        torch.testing.assert_close(two[row, start : start + 2], logits[row, score[row].argmax()])
-        assert torch.isinf(two[row]).sum() == 4
-    assert one.shape == two.shape
-    hit = two.argmax(1) == 2 * t + y
-    assert hit.any() and (chosen[hit] == t[hit]).all()  # right only through the right task
+        ids, posterior, logits, evidence = task_retrieval.candidate_logits(
+            cl, 2, x, check_below=2.0
+        )
+        assert ids.shape == posterior.shape == evidence.shape == (len(x), 2)
+        assert logits.shape == (len(x), 2, 2) and (posterior[:, 0] >= posterior[:, 1]).all()
+        # each candidate's logits are that task's own forward, its evidence that task's
+        # z-scores of its own head and own features
+        for column in range(2):
+            torch.testing.assert_close(logits[:, column], cl.forward_tasks(ids[:, column], x))
+            for index, name in enumerate(cl.tasks):
+                rows = ids[:, column] == index
+                if rows.any():
+                    own = task_retrieval.head_features(cl, name, x[rows])
+                    with cl.task(name):
+                        expected = cl.task_evidence(name).score(own, cl(x[rows]))
+                    # one pass vs a plain forward: float rounding, scaled by 1 / spread
+                    torch.testing.assert_close(
+                        evidence[rows, column], expected.to(evidence), rtol=1e-3, atol=1e-3
+                    )
+        # the answer is the candidate with the best log posterior + weight x evidence
+        score = posterior + task_retrieval.EVIDENCE_WEIGHT * evidence
+        chosen = ids.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+        for row in range(len(x)):
+            start = 2 * int(chosen[row])
+            torch.testing.assert_close(
+                two[row, start : start + 2], logits[row, score[row].argmax()]
+            )
+            assert torch.isinf(two[row]).sum() == 4
+        hit = two.argmax(1) == 2 * t + y
+        assert hit.any() and (chosen[hit] == t[hit]).all()  # right only through the right task
+        # inputs sure of their first task run through it alone: check_below=0 is k=1
+        cl.config.retrieval_check_below = 0.0
+        torch.testing.assert_close(cl(x, task_ids="auto"), one)
+        _, _, logits, evidence = task_retrieval.candidate_logits(cl, 2, x, check_below=0.0)
+        assert torch.isinf(evidence[:, 1]).all() and torch.isinf(logits[:, 1]).all()
+
+
+def test_evidence_is_standardised_on_held_out_data():
+    cl = halrp_adapt.attach(_net(), budget=0.9)
+    train = _learn(cl, "a")
+    held_out = DataLoader(_task_data("a", n=64, seed=3), batch_size=32)
+    evidence = task_retrieval.compute_evidence(cl, "a", DataLoader(train, batch_size=32), held_out)
+    x, _ = _task_data("a", n=64, seed=3).tensors
+    with torch.no_grad(), cl.task("a"):
+        z = evidence.score(task_retrieval.head_features(cl, "a", x), cl(x))
+    # on the held-out data itself each z-score has mean 0 (their sum too)
+    assert abs(float(z.mean())) < 1e-6
+    assert evidence.signature.features == "task" and evidence.signature.num_samples == 96
+    # the default calibration (the training batches) gives other moments
+    assert cl.task_evidence("a").distance_moments != evidence.distance_moments
+
+
+def test_evidence_is_saved_and_old_shelves_route_as_before(tmp_path):
+    cl = _learned()
+    cl.save_pretrained(tmp_path / "shelf")
+    assert (tmp_path / "shelf" / "a" / EVIDENCE_NAME).exists()
+    assert verify_shelf(tmp_path / "shelf").ok
+    x, _, _ = _test_batch()
+    back = halrp_adapt.load(_fresh_like(cl), tmp_path / "shelf").eval()
+    for name in cl.tasks:
+        saved, loaded = cl.task_evidence(name), back.task_evidence(name)
+        assert loaded is not None and loaded.confidence_moments == saved.confidence_moments
+        assert torch.equal(loaded.signature.means, saved.signature.means)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, task_ids="auto"), cl(x, task_ids="auto"))
+        cl.config.retrieval_candidates = 1
+        before = cl(x, task_ids="auto")
+    # a shelf saved before evidence existed: routed by the frozen features alone, with a warning
+    for name in cl.tasks:
+        (tmp_path / "shelf" / name / EVIDENCE_NAME).unlink()
+    old = halrp_adapt.load(_fresh_like(cl), tmp_path / "shelf").eval()
+    assert old.config.candidates == 2 and old.task_evidence("a") is None
+    with pytest.warns(UserWarning, match="add_evidence"), torch.no_grad():
+        torch.testing.assert_close(old(x, task_ids="auto"), before)
+    # add_evidence gives it back, from the task's data
+    for name in old.tasks:
+        old.add_evidence(name, DataLoader(_task_data(name), batch_size=32))
+    with pytest.raises(ValueError, match="already has evidence"):
+        old.add_evidence("a", DataLoader(_task_data("a"), batch_size=32))
+    with torch.no_grad():
+        torch.testing.assert_close(old(x, task_ids="auto"), back(x, task_ids="auto"))
+
+
+def test_evidence_that_does_not_fit_is_refused():
+    cl = _learned(tasks=("a",))
+    tensors = cl.task_evidence("a").to_tensors()
+    with pytest.raises(ValueError, match="distance_moments"):
+        TaskEvidence.from_tensors(
+            {k: v for k, v in tensors.items() if k != "distance_moments"}, source="x"
+        )
+    with pytest.raises(ValueError, match="not a task signature"):
+        TaskEvidence.from_tensors({**tensors, "own_means": torch.zeros(3)}, source="x")
 
 
 def test_retrieval_candidates_option_is_checked():
@@ -180,6 +263,11 @@ def test_retrieval_candidates_option_is_checked():
         halrp_adapt.attach(_net(), budget=0.9, retrieval_candidates=0)
     with pytest.raises(ValueError, match="task_signature='backbone'"):
         halrp_adapt.attach(_net(), budget=0.9, retrieval_candidates=2, task_signature="task")
+    with pytest.raises(ValueError, match="retrieval_check_below"):
+        halrp_adapt.attach(_net(), budget=0.9, retrieval_check_below=-0.5)
+    assert halrp_adapt.attach(_net(), budget=0.9, task_signature="task").config.candidates == 1
+    one = _learned(tasks=("a",), retrieval_candidates=1)
+    assert one.task_evidence("a") is None  # no candidates to check: nothing stored
 
 
 def test_signature_comes_from_frozen_features_and_leaves_outputs_alone():
@@ -234,7 +322,9 @@ def test_task_without_signature_beside_ones_with_it(tmp_path):
     cl = halrp_adapt.attach(_net(), budget=0.9)
     _learn(cl, "a")
     _learn(cl, "b", calibrate=False)
-    with pytest.raises(ValueError, match=r"tasks \['b'\] have no task signature.*with one: \['a'\]"):
+    with pytest.raises(
+        ValueError, match=r"tasks \['b'\] have no task signature.*with one: \['a'\]"
+    ):
         cl.predict_tasks(torch.randn(2, 6))
     with pytest.raises(ValueError, match="no task signature"):
         cl(torch.randn(2, 6), task_ids="auto")
@@ -320,8 +410,9 @@ def test_compressed_scatter_keeps_the_diagonal_and_round_trips(tmp_path):
     cut = whole.compressed(4)
     assert cut.rank == 4 and cut.scatter is None and cut.nbytes < whole.nbytes
     rebuilt = cut.scatter_matrix()
-    torch.testing.assert_close(torch.diagonal(rebuilt), torch.diagonal(whole.scatter_matrix()),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.diagonal(rebuilt), torch.diagonal(whole.scatter_matrix()), rtol=1e-5, atol=1e-4
+    )
     # the eigenpairs carry the off-diagonal structure: closer than the diagonal alone, and
     # a covariance still (no negative eigenvalue)
     exact = whole.scatter_matrix()
@@ -332,11 +423,13 @@ def test_compressed_scatter_keeps_the_diagonal_and_round_trips(tmp_path):
     back = type(cut).from_tensors(cut.to_tensors(), "backbone", source="test")
     assert torch.equal(back.basis, cut.basis) and back.rank == 4
     with pytest.raises(ValueError, match="not a task signature"):
-        type(cut).from_tensors({**cut.to_tensors(), "diagonal": torch.zeros(5)}, "backbone",
-                               source="test")
+        type(cut).from_tensors(
+            {**cut.to_tensors(), "diagonal": torch.zeros(5)}, "backbone", source="test"
+        )
     with pytest.raises(ValueError, match="lacks"):
-        type(cut).from_tensors({"counts": cut.counts, "means": cut.means}, "backbone",
-                               source="test")
+        type(cut).from_tensors(
+            {"counts": cut.counts, "means": cut.means}, "backbone", source="test"
+        )
 
 
 def test_signature_rank_option_sets_what_a_task_stores(tmp_path):

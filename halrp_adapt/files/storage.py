@@ -7,6 +7,7 @@ shelf/
   <task>/adapter_model.safetensors
   <task>/adapter_config.json    a PEFT adapter config (peft_type "HALRP")
   <task>/task_signature.safetensors   the task's signature for task retrieval, when it has one
+  <task>/task_evidence.safetensors    its own-feature evidence for checking candidates, if any
 ```
 
 Every file is written to a temporary name in its folder and renamed into place, and the index
@@ -36,6 +37,7 @@ from safetensors.torch import save as safetensors_bytes
 from .._version import __version__
 from ..adapters.routing import case_twin, check_task_name
 from ..config import FORMAT_VERSION, HalrpConfig
+from ..method.task_evidence import TaskEvidence
 from ..method.task_signature import TaskSignature
 from .serialization import backbone_fingerprint, backbone_state, task_state_dict
 
@@ -46,6 +48,7 @@ INDEX_NAME = "halrp_index.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 SIGNATURE_NAME = "task_signature.safetensors"
+EVIDENCE_NAME = "task_evidence.safetensors"
 BASE_NAME = "base_model.safetensors"
 LOCK_NAME = ".halrp.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,6 +217,14 @@ def save_pretrained(
                 )
             elif (folder / SIGNATURE_NAME).exists():
                 (folder / SIGNATURE_NAME).unlink()  # a stale one from an older save
+            evidence = handle.task_evidence(name)
+            if evidence is not None:
+                files[EVIDENCE_NAME] = safetensors_bytes(
+                    {k: v.contiguous() for k, v in evidence.to_tensors().items()},
+                    metadata={"format": "pt", "task": name},
+                )
+            elif (folder / EVIDENCE_NAME).exists():
+                (folder / EVIDENCE_NAME).unlink()
             for file_name, data in files.items():
                 atomic_write(folder / file_name, _bytes_writer(data))
             if name not in index["tasks"]:
@@ -390,6 +401,14 @@ def read_signature(root: Path, task: str, trusted: Path | None = None) -> TaskSi
     with safe_open(str(path), framework="pt") as f:
         features = (f.metadata() or {}).get("features", "")
     return TaskSignature.from_tensors(tensors, features, source=str(path))
+
+
+def read_evidence(root: Path, task: str, trusted: Path | None = None) -> TaskEvidence | None:
+    """Task `task`'s saved evidence, or None when it was saved without any (older versions)."""
+    path = root / task / EVIDENCE_NAME
+    if not path.exists():
+        return None
+    return TaskEvidence.from_tensors(read_tensors(path, trusted or root), source=str(path))
 
 
 def read_tensors(path: Path, trusted: Path) -> dict[str, torch.Tensor]:

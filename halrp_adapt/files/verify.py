@@ -15,6 +15,7 @@ from .storage import (
     LOCK_NAME,
     SIGNATURE_NAME,
     WEIGHTS_NAME,
+    read_evidence,
     read_index,
     read_signature,
     read_task_config,
@@ -104,6 +105,7 @@ def _task_problems(root: Path, task: str, index: dict, trusted: Path | None) -> 
         config = read_task_config(root, task, trusted)
         tensors = read_tensors(root / task / WEIGHTS_NAME, trusted or root)
         read_signature(root, task, trusted)
+        read_evidence(root, task, trusted)
     except (OSError, ValueError) as err:
         return [str(err)]
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]

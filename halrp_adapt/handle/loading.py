@@ -13,6 +13,7 @@ from ..files.serialization import backbone_fingerprint, load_task_tensors
 from ..files.storage import (
     BASE_NAME,
     WEIGHTS_NAME,
+    read_evidence,
     read_index,
     read_signature,
     read_task_config,
@@ -62,6 +63,7 @@ def load(
         configs = {t: read_task_config(root, t, trusted) for t in names}
         tensors = {t: read_tensors(root / t / WEIGHTS_NAME, trusted) for t in names}
         signatures = {t: read_signature(root, t, trusted) for t in names}
+        evidences = {t: read_evidence(root, t, trusted) for t in names}
         base = read_tensors(root / BASE_NAME, trusted) if index.get("base_weights") else None
 
     handle = HalrpModel.of(model)
@@ -87,6 +89,7 @@ def load(
             added.append(name)
             load_task_tensors(handle, name, tensors[name], source=str(root / name / WEIGHTS_NAME))
             handle._tasks[name].signature = signatures[name]
+            handle._tasks[name].evidence = evidences[name]
     except BaseException:
         for name in added:
             handle.delete_task(name)

@@ -39,6 +39,7 @@ from ..files.serialization import backbone_fingerprint
 from ..files.storage import save_pretrained
 from ..method.losses import LossFn, batch_inputs
 from ..method.pruning import prune_, prune_threshold
+from ..method.task_evidence import TaskEvidence
 from ..method.task_signature import TaskSignature
 from .accounting import HalrpReport, TaskStats, fixed_task_cost, task_stats
 from .calibration import recalibrate_norm_statistics, task_batch_norms
@@ -46,7 +47,13 @@ from .estimate import estimate_task
 from .mixed import forward_tasks
 from .placement import decide_statistics, fit_parts_to_budget, smallest_part_cost
 from .plain_copy import plain_from_structure, remembered_structure
-from .task_retrieval import class_offsets, compute_signature, forward_auto, predict_tasks
+from .task_retrieval import (
+    class_offsets,
+    compute_evidence,
+    compute_signature,
+    forward_auto,
+    predict_tasks,
+)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TaskInfo:
     finished: bool = False
     estimate: Any | None = field(default=None, repr=False)
     signature: TaskSignature | None = field(default=None, repr=False)
+    evidence: TaskEvidence | None = field(default=None, repr=False)
 
     @property
     def trains_base(self) -> bool:
@@ -595,6 +603,7 @@ class HalrpModel(nn.Module):
         self,
         calibration_data: Iterable[Any] | None = None,
         max_calibration_batches: int | None = None,
+        held_out_data: Iterable[Any] | None = None,
     ) -> TaskStats:
         """Prune the open task's factors to the budget, recompute its norm statistics, make its
         task signature, freeze it, and return its stats.
@@ -608,6 +617,15 @@ class HalrpModel(nn.Module):
         ended without them has none (`add_signature` adds one later). Batches whose labels are
         not one per sample (a language model's token labels) give the task one prototype; a
         signature that cannot be made is a warning, never the loss of the trained task.
+
+        With 'backbone' signatures and `retrieval_candidates` > 1 (the default), the same
+        batches also make the task's evidence (`TaskEvidence`: statistics of its own adapted
+        features), standardised on `held_out_data` (the task's validation batches; default:
+        the calibration batches, which read a little more confident than unseen inputs).
+
+        Example::
+
+            cl.end_task(calibration_data=train_loader, held_out_data=val_loader)
         """
         info = self._require_open("end_task()")
         task = info.name
@@ -616,7 +634,8 @@ class HalrpModel(nn.Module):
             fit_parts_to_budget(self, task, info.config.budget)  # ended without estimate_ranks
         has_statistics = bool(task_batch_norms(self, task))
         wants_signature = self._signature_kind() is not None
-        passes = int(has_statistics) + int(wants_signature)
+        wants_evidence = self._wants_evidence(info.config)
+        passes = int(has_statistics) + int(wants_signature) + 2 * int(wants_evidence)
         data = None
         if calibration_data is not None and passes:
             data = calibration_data
@@ -656,6 +675,23 @@ class HalrpModel(nn.Module):
                 warnings.warn(
                     f"task {task!r} ended without a task signature ({err}); it is finished and "
                     "kept, and add_signature(name, data) can give it one later.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if data is not None and wants_evidence and info.signature is not None:
+            try:
+                info.evidence = compute_evidence(
+                    self,
+                    task,
+                    data,
+                    held_out_data,
+                    max_calibration_batches,
+                    info.config.signature_rank,
+                )
+            except Exception as err:  # the trained task is kept, whatever went wrong here
+                warnings.warn(
+                    f"task {task!r} ended without task evidence ({err}); it is finished and "
+                    "kept, and add_evidence(name, data) can give it some later.",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -701,6 +737,50 @@ class HalrpModel(nn.Module):
             self, name, data, kind, max_batches, info.config.signature_rank
         )
         return info.signature
+
+    def add_evidence(
+        self,
+        name: str,
+        data: Iterable[Any],
+        held_out_data: Iterable[Any] | None = None,
+        max_batches: int | None = None,
+    ) -> TaskEvidence:
+        """Make the evidence of finished task `name`, which has none (saved by an older
+        version, or ended without data), from its labelled batches `data`, standardised on
+        `held_out_data` (default: `data`). Its weights and outputs do not change. Without
+        evidence for every loaded task, `task_ids="auto"` checks no candidates.
+
+        Example::
+
+            cl.add_evidence("task0", task0_train_loader, task0_val_loader)
+            cl.save_pretrained("shelf/", tasks=["task0"])   # the evidence is saved with it
+        """
+        info = self._info(name)
+        _check_positive_or_none("max_batches", max_batches, int)
+        if not info.finished:
+            raise RuntimeError(
+                f"task {name!r} is still in training: end_task() makes its evidence."
+            )
+        if info.evidence is not None:
+            raise ValueError(f"task {name!r} already has evidence; finished tasks never change.")
+        if self._signature_kind() != "backbone":
+            raise ValueError(
+                "task evidence re-checks candidates ranked by 'backbone' signatures: attach "
+                "with task_signature='backbone' (and a classifier head)."
+            )
+        if data is not None and iter(data) is data:
+            data = list(data) if held_out_data is None else data
+        info.evidence = compute_evidence(
+            self, name, data, held_out_data, max_batches, info.config.signature_rank
+        )
+        return info.evidence
+
+    def task_evidence(self, name: str) -> TaskEvidence | None:
+        """Task `name`'s evidence for checking candidate tasks (None if it has none)."""
+        return self._info(name).evidence
+
+    def _wants_evidence(self, config: HalrpConfig) -> bool:
+        return self._signature_kind() == "backbone" and config.candidates > 1
 
     def task_signature(self, name: str) -> TaskSignature | None:
         """Task `name`'s signature (None if it has none)."""

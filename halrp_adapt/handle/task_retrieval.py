@@ -16,16 +16,19 @@ chose the default.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..method.losses import LABEL_KEYS, batch_inputs, device_of, move_to
+from ..method.task_evidence import TaskEvidence
 from ..method.task_signature import PrototypeScorer, SignatureAccumulator, TaskSignature
-from .mixed import forward_tasks
+from .mixed import _take, forward_tasks
 
 if TYPE_CHECKING:
     from .model import HalrpModel
@@ -41,9 +44,10 @@ def batch_labels(batch: Any) -> Tensor | None:
     return None
 
 
-def head_features(handle: HalrpModel, task: str | None, *args: Any, **kwargs: Any) -> Tensor:
-    """The (batch, dim) input of the classifier head when the model runs through `task` (None:
-    the frozen backbone), averaged over positions when the head sees more than 2 dims."""
+@contextlib.contextmanager
+def _head_inputs(handle: HalrpModel) -> Iterator[list[Tensor]]:
+    """Inside the block, the classifier head's inputs of every forward are appended to the
+    list it yields."""
     if handle.head_name is None:
         raise ValueError(
             "task retrieval reads the classifier head's input, and this model has no head "
@@ -59,16 +63,48 @@ def head_features(handle: HalrpModel, task: str | None, *args: Any, **kwargs: An
         catch, with_kwargs=True
     )
     try:
-        with handle.task(task):
-            handle.model(*args, **kwargs)
+        yield caught
     finally:
         hook.remove()
+
+
+def _pooled(caught: list[Tensor]) -> Tensor:
     if not caught:
         raise RuntimeError("the model's forward never called its classifier head.")
     features = caught[-1]
     if features.dim() > 2:
         features = features.flatten(1, -2).mean(1)
     return features.detach()
+
+
+def head_features(handle: HalrpModel, task: str | None, *args: Any, **kwargs: Any) -> Tensor:
+    """The (batch, dim) input of the classifier head when the model runs through `task` (None:
+    the frozen backbone), averaged over positions when the head sees more than 2 dims."""
+    with _head_inputs(handle) as caught, handle.task(task):
+        handle.model(*args, **kwargs)
+    return _pooled(caught)
+
+
+def routed_features(
+    handle: HalrpModel, task_ids: Tensor, *args: Any, fill_value: float, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """(head inputs, logits) of each sample run through its own task (`forward_tasks`); when
+    the model ran the head per task group rather than once, each group runs on its own."""
+    with _head_inputs(handle) as caught:
+        logits = forward_tasks(handle, task_ids, *args, fill_value=fill_value, **kwargs)
+    if len(caught) == 1 and caught[0].shape[0] == logits.shape[0]:
+        return _pooled(caught), logits
+    batch, features = logits.shape[0], None
+    for index in torch.unique(task_ids).tolist():
+        rows = torch.nonzero(task_ids == index).squeeze(1)
+        sub_args = [_take(a, rows, batch) for a in args]
+        sub_kwargs = {k: _take(v, rows, batch) for k, v in kwargs.items()}
+        part = head_features(handle, handle.tasks[index], *sub_args, **sub_kwargs)
+        if features is None:
+            features = part.new_zeros(batch, part.shape[1])
+        features[rows.to(part.device)] = part
+    assert features is not None
+    return features, logits
 
 
 @torch.no_grad()
@@ -99,6 +135,36 @@ def compute_signature(
     finally:
         handle.model.train(was_training)
     return accumulator.finish(features).compressed(rank)
+
+
+@torch.no_grad()
+def compute_evidence(
+    handle: HalrpModel,
+    task: str,
+    data: Iterable[Any],
+    held_out: Iterable[Any] | None = None,
+    max_batches: int | None = None,
+    rank: int | None = None,
+) -> TaskEvidence:
+    """Task `task`'s evidence: its own-feature statistics from `data` (labelled batches), its
+    readings' moments from `held_out` (its validation batches; None: `data` again, which reads
+    a little more confident than unseen inputs do), in eval mode, changing nothing."""
+    own = compute_signature(handle, task, data, "task", max_batches, rank)
+    features, logits = [], []
+    was_training = handle.model.training
+    handle.model.eval()
+    try:
+        for batch in itertools.islice(data if held_out is None else held_out, max_batches):
+            args, kwargs = batch_inputs(move_to(batch, device_of(handle)))
+            with _head_inputs(handle) as caught, handle.task(task):
+                out = handle.model(*args, **kwargs)
+            features.append(_pooled(caught))
+            logits.append(_class_logits(getattr(out, "logits", out)).detach())
+    finally:
+        handle.model.train(was_training)
+    if not features:
+        raise ValueError("no batch reached the task evidence (empty held-out data).")
+    return TaskEvidence.calibrated(own, torch.cat(features), torch.cat(logits))
 
 
 def scorer_for(handle: HalrpModel, device: torch.device) -> PrototypeScorer:
@@ -168,12 +234,36 @@ def _class_logits(local: Tensor) -> Tensor:
     return local
 
 
+# The frozen log posterior and the candidates' evidence (a sum of two z-scores) are added with
+# this weight: chosen on study 10 (benchmarks/README.md, section 10), where 1 and 10 both did
+# worse on every sequence.
+EVIDENCE_WEIGHT = 3.0
+
+
+def evidence_for(handle: HalrpModel, device: torch.device) -> list[Any] | None:
+    """[(evidence, its scorer)] per loaded task, in task order; None when a task has none
+    (saved by an older version, or ended without data): then candidates are not checked."""
+    evidences = [handle._tasks[t].evidence for t in handle.tasks]
+    if any(e is None for e in evidences):
+        return None
+    key = (tuple(handle.tasks), tuple(id(e) for e in evidences), str(device))
+    cached = handle.__dict__.get("_evidence_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pairs = [(e, e.scorer(device)) for e in evidences if e is not None]
+    handle.__dict__["_evidence_cache"] = (key, pairs)
+    return pairs
+
+
 def candidate_logits(
-    handle: HalrpModel, candidates: int, *args: Any, **kwargs: Any
-) -> tuple[Tensor, Tensor, Tensor]:
+    handle: HalrpModel, candidates: int, *args: Any, check_below: float = 2.0, **kwargs: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each sample's `candidates` best tasks by the frozen features' task posterior, and the
     sample run through each: (task ids (batch, k), their log posteriors (batch, k), local
-    logits (batch, k, classes), -inf past each task's classes)."""
+    logits (batch, k, classes), -inf past each task's classes, evidence (batch, k)). Only
+    samples whose best posterior is below `check_below` run through candidates after the
+    first; the others' later columns are -inf logits and -inf evidence. Evidence is -inf
+    throughout when a loaded task has none (`TaskEvidence`)."""
     scorer = scorer_for(handle, device_of(handle))
     if not scorer.shared:
         raise ValueError(
@@ -182,28 +272,79 @@ def candidate_logits(
         )
     log_tasks = scorer.task_log_posterior(head_features(handle, None, *args, **kwargs))
     top = log_tasks.topk(min(candidates, log_tasks.shape[1]), 1)
+    evidence = evidence_for(handle, log_tasks.device)
+    batch = log_tasks.shape[0]
+    unsure = torch.nonzero(top.values[:, 0].exp() < check_below).squeeze(1)
     inf = float("-inf")  # so that padding never adds to a head's softmax
-    logits = [
-        _class_logits(forward_tasks(handle, ids, *args, fill_value=inf, **kwargs))
-        for ids in top.indices.T
+    logits: list[Tensor | None] = []
+    scores: list[Tensor] = []
+    for column, ids in enumerate(top.indices.T):
+        rows = torch.arange(batch, device=ids.device) if column == 0 else unsure
+        if rows.numel() == 0:
+            logits.append(None)
+            scores.append(log_tasks.new_full((batch,), inf))
+            continue
+        sub_args = [_take(a, rows, batch) for a in args]
+        sub_kwargs = {k: _take(v, rows, batch) for k, v in kwargs.items()}
+        sub_ids = ids[rows]
+        features, local = routed_features(handle, sub_ids, *sub_args, fill_value=inf, **sub_kwargs)
+        local = _class_logits(local)
+        full = local.new_full((batch, local.shape[1]), inf)
+        full[rows.to(local.device)] = local
+        logits.append(full)
+        score = log_tasks.new_full((batch,), inf)
+        if evidence is not None:
+            for index in torch.unique(sub_ids).tolist():
+                mine = sub_ids == index
+                value, task_scorer = evidence[index]
+                score[rows[mine]] = value.score(
+                    features[mine.to(features.device)],
+                    local[mine.to(local.device)],
+                    task_scorer,
+                ).to(score)
+        scores.append(score)
+    first = logits[0]
+    assert first is not None  # the first candidate runs for every sample
+    width = max(x.shape[1] for x in logits if x is not None)
+    filled = [
+        first.new_full((batch, width), inf)
+        if x is None
+        else torch.nn.functional.pad(x, (0, width - x.shape[1]), value=inf)
+        for x in logits
     ]
-    width = max(x.shape[1] for x in logits)
-    logits = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=inf) for x in logits]
-    return top.indices, top.values, torch.stack(logits, 1)
+    return top.indices, top.values, torch.stack(filled, 1), torch.stack(scores, 1)
 
 
 def checked_candidates(
     handle: HalrpModel, candidates: int, *args: Any, **kwargs: Any
 ) -> tuple[Tensor, Tensor]:
     """(task ids, local logits): of each sample's `candidates` best tasks
-    (`candidate_logits`), the one with the highest `log p(task | x) + log max_c p_head(c | x)`:
-    its own head's confidence re-checks the frozen features' guess in the task's adapted
-    features."""
-    ids, log_posterior, logits = candidate_logits(handle, candidates, *args, **kwargs)
-    confidence = torch.log_softmax(logits.float(), 2).amax(2)
-    pick = (log_posterior.to(confidence) + confidence).argmax(1)
+    (`candidate_logits`), the one with the highest `log p(task | x) + EVIDENCE_WEIGHT *
+    evidence`, where the evidence (`TaskEvidence`) says, in the candidate's own adapted
+    features and head, how typical the input is of that task. Samples whose best posterior
+    reaches `retrieval_check_below` keep their first candidate."""
+    ids, log_posterior, logits, evidence = candidate_logits(
+        handle, candidates, *args, check_below=handle.config.retrieval_check_below, **kwargs
+    )
+    score = log_posterior.to(evidence) + EVIDENCE_WEIGHT * evidence
+    score[:, 0] = torch.where(torch.isfinite(score[:, 0]), score[:, 0], 0.0)
+    pick = score.argmax(1)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return ids.gather(1, pick.unsqueeze(1)).squeeze(1), logits[rows, pick]
+    return ids.gather(1, pick.unsqueeze(1)).squeeze(1), logits[rows, pick.to(logits.device)]
+
+
+def _warn_no_evidence(handle: HalrpModel) -> None:
+    missing = [t for t in handle.tasks if handle._tasks[t].evidence is None]
+    if missing and not handle.__dict__.get("_warned_no_evidence"):
+        handle.__dict__["_warned_no_evidence"] = True
+        warnings.warn(
+            f"tasks {missing} have no task evidence (saved by an older version, or ended "
+            "without calibration data), so task_ids='auto' trusts the frozen features alone "
+            "(retrieval_candidates=1), as before; handle.add_evidence(name, data) gives a task "
+            "its evidence.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def forward_auto(
@@ -215,11 +356,18 @@ def forward_auto(
 ) -> Tensor:
     """Logits over every loaded task's classes: each sample through the task retrieval picks
     (or `predicted`, from `predict_tasks` already run on these inputs), its logits placed at
-    that task's offset, `fill_value` elsewhere. With `retrieval_candidates` k > 1 (and no
-    `predicted`), each sample's k best tasks are checked by their own heads
-    (`checked_candidates`)."""
+    that task's offset, `fill_value` elsewhere. With k = `retrieval_candidates` > 1 (and no
+    `predicted`), the k best tasks of each sample not sure enough of its first are checked by
+    their own evidence (`checked_candidates`)."""
     offsets = class_offsets(handle)
-    candidates = handle.config.retrieval_candidates
+    candidates = handle.config.candidates
+    if (
+        candidates > 1
+        and predicted is None
+        and any(handle._tasks[t].evidence is None for t in handle.tasks)
+    ):
+        _warn_no_evidence(handle)
+        candidates = 1
     if predicted is None and candidates > 1 and len(handle.tasks) > 1:
         ids, local = checked_candidates(handle, candidates, *args, **kwargs)
     else:
