@@ -110,6 +110,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .files.hub import resolve_source
     from .files.storage import (
         CONFIG_NAME,
+        EVIDENCE_NAME,
         SIGNATURE_NAME,
         WEIGHTS_NAME,
         read_index,
@@ -127,8 +128,11 @@ def _inspect(args: argparse.Namespace) -> int:
             info = index["task_info"].get(task, {})
             signature = read_signature(root, task, trusted)
             files = [
-                n for n in (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME) if (root / task / n).exists()
+                n
+                for n in (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME, EVIDENCE_NAME)
+                if (root / task / n).exists()
             ]
+            evidence = root / task / EVIDENCE_NAME
             tasks[task] = {
                 "num_classes": config.num_classes,
                 "growth": info.get("growth"),
@@ -143,6 +147,7 @@ def _inspect(args: argparse.Namespace) -> int:
                     "samples": signature.num_samples,
                     "bytes": (root / task / SIGNATURE_NAME).stat().st_size,
                 },
+                "evidence_bytes": evidence.stat().st_size if evidence.exists() else None,
                 "ranks": dict(config.rank_pattern or {}),
                 "metrics": dict(config.metrics or {}),
             }

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import halrp_adapt
 from halrp_adapt.cli import main as cli_main
 from halrp_adapt.files.storage import EVIDENCE_NAME, SIGNATURE_NAME
-from halrp_adapt.handle import task_retrieval
 from halrp_adapt.files.verify import verify_shelf
+from halrp_adapt.handle import task_retrieval
 from halrp_adapt.method.task_evidence import TaskEvidence
 from halrp_adapt.method.task_signature import (
     PrototypeScorer,
@@ -358,7 +358,9 @@ def test_signature_saved_loaded_inspected_and_verified(tmp_path, capsys):
     sig = report["tasks"]["a"]["signature"]
     assert sig["features"] == "backbone" and sig["dim"] == 16 and sig["prototypes"] == 2
     weights = (tmp_path / "shelf" / "a" / "adapter_model.safetensors").stat().st_size
-    assert report["tasks"]["a"]["bytes"] > weights + sig["bytes"] - 1
+    evidence = report["tasks"]["a"]["evidence_bytes"]
+    assert evidence == (tmp_path / "shelf" / "a" / EVIDENCE_NAME).stat().st_size
+    assert report["tasks"]["a"]["bytes"] >= weights + sig["bytes"] + evidence
     assert verify_shelf(tmp_path / "shelf").problems == []
     path = tmp_path / "shelf" / "a" / SIGNATURE_NAME
     path.write_bytes(path.read_bytes()[:-8] + b"\x7f" * 8)
