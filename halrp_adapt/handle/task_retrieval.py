@@ -145,11 +145,11 @@ def compute_evidence(
     held_out: Iterable[Any] | None = None,
     max_batches: int | None = None,
     rank: int | None = None,
-) -> TaskEvidence:
+) -> TaskEvidence | None:
     """Task `task`'s evidence: its own-feature statistics from `data` (labelled batches), its
     readings' moments from `held_out` (its validation batches; None: `data` again, which reads
-    a little more confident than unseen inputs do), in eval mode, changing nothing."""
-    own = compute_signature(handle, task, data, "task", max_batches, rank)
+    a little more confident than unseen inputs do), in eval mode, changing nothing. None when
+    the model's output is not (batch, classes) logits, where `task_ids="auto"` does not apply."""
     features, logits = [], []
     was_training = handle.model.training
     handle.model.eval()
@@ -158,12 +158,16 @@ def compute_evidence(
             args, kwargs = batch_inputs(move_to(batch, device_of(handle)))
             with _head_inputs(handle) as caught, handle.task(task):
                 out = handle.model(*args, **kwargs)
+            output = getattr(out, "logits", out)
+            if output.dim() != 2:  # not class logits (a language model): auto does not apply
+                return None
             features.append(_pooled(caught))
-            logits.append(_class_logits(getattr(out, "logits", out)).detach())
+            logits.append(output.detach())
     finally:
         handle.model.train(was_training)
     if not features:
         raise ValueError("no batch reached the task evidence (empty held-out data).")
+    own = compute_signature(handle, task, data, "task", max_batches, rank)
     return TaskEvidence.calibrated(own, torch.cat(features), torch.cat(logits))
 
 

@@ -85,7 +85,12 @@ class HalrpTrainer(Trainer):
         output = super().train(*args, **kwargs)
         # Norms with running statistics (BatchNorm) get them recomputed with the final
         # weights; a model without any (LayerNorm only) skips the pass.
-        stats = handle.end_task(calibration_data=self.get_train_dataloader())
+        # The validation set, when there is one, standardises the task's evidence.
+        single = self.eval_dataset is not None and not isinstance(self.eval_dataset, dict)
+        held_out = self.get_eval_dataloader() if single else None
+        stats = handle.end_task(
+            calibration_data=self.get_train_dataloader(), held_out_data=held_out
+        )
         self.log(
             {
                 "halrp_growth": stats.growth,

@@ -484,7 +484,8 @@ class ContinualTrainer:
             # The task's norm statistics, recomputed with the weights it keeps (every process
             # passes over the whole training set, then takes the main process's copy).
             calibration = self._loader(task.train, train=False, seed=seed)
-            stats = self.handle.end_task(calibration_data=calibration)
+            held_out = self._loader(task.val, train=False, seed=seed) if task.val else None
+            stats = self.handle.end_task(calibration_data=calibration, held_out_data=held_out)
             self._sync_task_state(task.name)
             times["prune"] = time.perf_counter() - mark
             self.log(
