@@ -752,6 +752,27 @@ def class_incremental(data: dict) -> list[str]:
     return lines + ([f"", note] if note else []) + [""]
 
 
+def retrieval_designs(data: dict) -> list[str]:
+    table = data["table"]
+    seeds = sorted({r["seeds"] for r in table.values()})
+    names = list(table)
+    lines = ["### 10b. Which evidence finds the task: designs replayed on study 10's features", "",
+             f"Command: `{data['command']}` ({data['date']}). Study 10's training (same "
+             "protocol, seeds and rates); per test sample the frozen features, each task's head "
+             "logits and adapted features, and whether the task's head is right are collected "
+             "once, then each design is replayed on them (a sample is right when its task is "
+             "picked and its head is right). Means over "
+             f"{'/'.join(map(str, seeds))} seeds; average over the steps / after the last task "
+             "(%). The default row reproduces study 10's `task_ids=\"auto\"` row.", "",
+             "| design | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    designs = [d for d in table[names[0]] if d != "seeds"]
+    for design in designs:
+        lines.append(f"| {design} | " + " | ".join(
+            f"{table[n][design]['average']:.2f} / {table[n][design]['last']:.2f}" for n in names)
+            + " |")
+    return lines + [""]
+
+
 def _gpu_dry_run(data: dict | None) -> list[str]:
     if not data:
         return []
@@ -956,7 +977,8 @@ def main() -> str:
                          ("quality_budget_split", budget_split),
                          ("quality_estimation", estimation_quality),
                          ("quality_trial", trial_quality),
-                         ("class_incremental", class_incremental), ("memory", memory),
+                         ("class_incremental", class_incremental),
+                         ("retrieval_designs", retrieval_designs), ("memory", memory),
                          ("frontier", frontier)):
         data = _load(name)
         parts += render(data) if data else [f"## {name}", "", "Not run yet.", ""]
