@@ -56,7 +56,12 @@ import protocol as Q  # noqa: E402
 
 import halrp_adapt  # noqa: E402
 from halrp_adapt.handle.task_retrieval import head_features  # noqa: E402
-from halrp_adapt.method.task_signature import PrototypeScorer, SignatureAccumulator  # noqa: E402
+from halrp_adapt.method.task_evidence import TaskEvidence, readings  # noqa: E402
+from halrp_adapt.method.task_signature import (  # noqa: E402
+    PrototypeScorer,
+    SignatureAccumulator,
+    TaskSignature,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WEIGHT, CHECK_BELOW, RANK = 3.0, 0.999, 64  # the library's defaults
@@ -110,39 +115,37 @@ def collect(name: str, seed: int, args) -> dict:
 
 
 # ---- the designs --------------------------------------------------------------------------------
-def _lift(dim: int, seed: int, width: int = CI.LIFT_WIDTH) -> Callable[[torch.Tensor], torch.Tensor]:
+def _lift(dim: int, seed: int,
+          width: int = CI.LIFT_WIDTH) -> Callable[[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(10_000 + seed)
     projection = torch.randn(dim, width, generator=generator, dtype=torch.float64)
     return lambda x: torch.relu(torch.nn.functional.normalize(x.double(), dim=1) @ projection)
 
 
-def _scorer(tasks: list[dict], transform, shared: bool = True, rank: int | None = RANK,
-            features: str = "backbone") -> PrototypeScorer:
-    signatures = []
-    for t in tasks:
-        acc = SignatureAccumulator()
-        acc.update(transform(t["train_frozen"]), t["labels"]["train"])
-        signatures.append(acc.finish(features).compressed(rank))
-    return PrototypeScorer(signatures, shared=shared)
+def _signature(features: torch.Tensor, labels: torch.Tensor, kind: str) -> TaskSignature:
+    acc = SignatureAccumulator()
+    acc.update(features, labels)
+    return acc.finish(kind).compressed(RANK)
 
 
-def _evidence(tasks: list[dict], calibrate_on: str) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """z-scores of each task j's two readings on each task i's test samples."""
+def _scorer(tasks: list[dict], transform) -> PrototypeScorer:
+    return PrototypeScorer([_signature(transform(t["train_frozen"]), t["labels"]["train"],
+                                       "backbone") for t in tasks])
+
+
+def _evidence(tasks: list[dict],
+              calibrate_on: str) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """z-scores of each task j's two readings on each task i's test samples, by the library's
+    `TaskEvidence` standardised on task j's `calibrate_on` split."""
     out = {}
     for j, t in enumerate(tasks):
-        acc = SignatureAccumulator()
-        acc.update(t["own"][j]["train"][0], t["labels"]["train"])
-        own = PrototypeScorer([acc.finish("task").compressed(RANK)], shared=False)
-
-        def read(features, logits):
-            return {"confidence": torch.log_softmax(logits.double(), 1).amax(1),
-                    "distance": own.task_scores([features]).squeeze(1).double()}
-
-        base = read(*t["own"][j][calibrate_on])
-        moments = {k: (v.mean(), v.std().clamp(min=1e-12)) for k, v in base.items()}
+        own = _signature(t["own"][j]["train"][0], t["labels"]["train"], "task")
+        evidence = TaskEvidence.calibrated(own, *t["own"][j][calibrate_on])
+        scorer = evidence.scorer()
         for i, s in enumerate(tasks):
-            raw = read(*s["own"][j]["test"])
-            out[(i, j)] = {k: (raw[k] - moments[k][0]) / moments[k][1] for k in raw}
+            confidence, distance = readings(scorer, *s["own"][j]["test"])
+            (mc, sc), (md, sd) = evidence.confidence_moments, evidence.distance_moments
+            out[(i, j)] = {"confidence": (confidence - mc) / sc, "distance": (distance - md) / sd}
     return out
 
 

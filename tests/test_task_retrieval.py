@@ -201,6 +201,21 @@ def test_retrieval_candidates_check_the_top_tasks_with_their_own_evidence():
         assert torch.isinf(evidence[:, 1]).all() and torch.isinf(logits[:, 1]).all()
 
 
+def test_routed_features_are_each_task_own_on_both_mixed_paths():
+    cl = _learned()
+    x, _, t = _test_batch()
+    ids = torch.tensor([(i + 1) % 3 for i in t.tolist()])  # every row through another task
+    with torch.no_grad():
+        for training in (False, True):  # one pass in eval mode, grouped in train mode
+            cl.train(training)
+            features, logits = task_retrieval.routed_features(cl, ids, x, fill_value=-1.0)
+            torch.testing.assert_close(logits, cl.forward_tasks(ids, x, fill_value=-1.0))
+            for index, name in enumerate(cl.tasks):
+                rows = ids == index
+                expected = task_retrieval.head_features(cl, name, x[rows])
+                torch.testing.assert_close(features[rows], expected)
+
+
 def test_evidence_is_standardised_on_held_out_data():
     cl = halrp_adapt.attach(_net(), budget=0.9)
     train = _learn(cl, "a")

@@ -768,8 +768,8 @@ class HalrpModel(nn.Module):
                 "task evidence re-checks candidates ranked by 'backbone' signatures: attach "
                 "with task_signature='backbone' (and a classifier head)."
             )
-        if data is not None and iter(data) is data:
-            data = list(data) if held_out_data is None else data
+        if held_out_data is None and iter(data) is data:  # a one-shot iterator, read twice
+            data = list(itertools.islice(data, max_batches))
         evidence = compute_evidence(
             self, name, data, held_out_data, max_batches, info.config.signature_rank
         )

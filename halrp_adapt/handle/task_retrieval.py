@@ -88,22 +88,33 @@ def head_features(handle: HalrpModel, task: str | None, *args: Any, **kwargs: An
 def routed_features(
     handle: HalrpModel, task_ids: Tensor, *args: Any, fill_value: float, **kwargs: Any
 ) -> tuple[Tensor, Tensor]:
-    """(head inputs, logits) of each sample run through its own task (`forward_tasks`); when
-    the model ran the head per task group rather than once, each group runs on its own."""
+    """(head inputs, logits) of each sample run through its own task (`forward_tasks`), the
+    head inputs caught in that same forward (once, or once per task group on the grouped
+    path); a head called any other way costs one more forward per task present."""
     with _head_inputs(handle) as caught:
         logits = forward_tasks(handle, task_ids, *args, fill_value=fill_value, **kwargs)
     if len(caught) == 1 and caught[0].shape[0] == logits.shape[0]:
         return _pooled(caught), logits
-    batch, features = logits.shape[0], None
-    for index in torch.unique(task_ids).tolist():
-        rows = torch.nonzero(task_ids == index).squeeze(1)
-        sub_args = [_take(a, rows, batch) for a in args]
-        sub_kwargs = {k: _take(v, rows, batch) for k, v in kwargs.items()}
-        part = head_features(handle, handle.tasks[index], *sub_args, **sub_kwargs)
-        if features is None:
-            features = part.new_zeros(batch, part.shape[1])
+    # The grouped path (`mixed._grouped`) ran the head once per task, in `unique` order.
+    batch = logits.shape[0]
+    groups = [torch.nonzero(task_ids == i).squeeze(1) for i in torch.unique(task_ids).tolist()]
+    if len(caught) == len(groups) and all(
+        c.shape[0] == len(rows) for c, rows in zip(caught, groups, strict=True)
+    ):
+        parts = [_pooled([c]) for c in caught]
+    else:  # a head called some other way: read each group's input with its own forward
+        parts = [
+            head_features(
+                handle,
+                handle.tasks[int(task_ids[rows[0]])],
+                *[_take(a, rows, batch) for a in args],
+                **{k: _take(v, rows, batch) for k, v in kwargs.items()},
+            )
+            for rows in groups
+        ]
+    features = parts[0].new_zeros(batch, parts[0].shape[1])
+    for rows, part in zip(groups, parts, strict=True):
         features[rows.to(part.device)] = part
-    assert features is not None
     return features, logits
 
 
@@ -239,22 +250,25 @@ def _class_logits(local: Tensor) -> Tensor:
 
 
 # The frozen log posterior and the candidates' evidence (a sum of two z-scores) are added with
-# this weight: chosen on study 10 (benchmarks/README.md, section 10), where 1 and 10 both did
-# worse on every sequence.
+# this weight, chosen on study 10 (benchmarks/README.md, section 10): weight 10 did worse on all
+# four sequences, weight 1 on the three pretrained backbones (better on the from-scratch ViT).
 EVIDENCE_WEIGHT = 3.0
 
 
-def evidence_for(handle: HalrpModel, device: torch.device) -> list[Any] | None:
-    """[(evidence, its scorer)] per loaded task, in task order; None when a task has none
-    (saved by an older version, or ended without data): then candidates are not checked."""
+def evidence_for(
+    handle: HalrpModel, device: torch.device
+) -> list[tuple[TaskEvidence, PrototypeScorer]] | None:
+    """[(evidence, its scorer)] per loaded task, in task order, cached until the tasks change;
+    None when a task has none (saved by an older version, or ended without data)."""
     evidences = [handle._tasks[t].evidence for t in handle.tasks]
-    if any(e is None for e in evidences):
+    present = [e for e in evidences if e is not None]
+    if len(present) < len(evidences):
         return None
-    key = (tuple(handle.tasks), tuple(id(e) for e in evidences), str(device))
+    key = (tuple(handle.tasks), tuple(id(e) for e in present), str(device))
     cached = handle.__dict__.get("_evidence_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
-    pairs = [(e, e.scorer(device)) for e in evidences if e is not None]
+    pairs = [(e, e.scorer(device)) for e in present]
     handle.__dict__["_evidence_cache"] = (key, pairs)
     return pairs
 
@@ -330,9 +344,7 @@ def checked_candidates(
     ids, log_posterior, logits, evidence = candidate_logits(
         handle, candidates, *args, check_below=handle.config.retrieval_check_below, **kwargs
     )
-    score = log_posterior.to(evidence) + EVIDENCE_WEIGHT * evidence
-    score[:, 0] = torch.where(torch.isfinite(score[:, 0]), score[:, 0], 0.0)
-    pick = score.argmax(1)
+    pick = (log_posterior.to(evidence) + EVIDENCE_WEIGHT * evidence).argmax(1)
     rows = torch.arange(logits.shape[0], device=logits.device)
     return ids.gather(1, pick.unsqueeze(1)).squeeze(1), logits[rows, pick.to(logits.device)]
 

@@ -56,7 +56,7 @@ class TaskEvidence:
 
     @property
     def nbytes(self) -> int:
-        return self.signature.nbytes + 4 * 4
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def score(
         self, features: Tensor, logits: Tensor, scorer: PrototypeScorer | None = None
